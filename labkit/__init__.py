@@ -1,0 +1,1 @@
+"""labkit: make virtualization visible (Lab KVM course)."""

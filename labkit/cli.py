@@ -1,0 +1,71 @@
+"""The ``labkit`` command line: ``labkit doctor`` (more subcommands come with the guest engine).
+
+Exit status: 0 when a guest can run here (KVM or TCG), 1 when none can
+(QEMU missing), 2 for bad arguments or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from .errors import LabkitError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its messages in Spanish and exit status 2 on bad arguments."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        message = (message.replace("the following arguments are required", "faltan los argumentos")
+                   .replace("unrecognized arguments", "argumentos no reconocidos")
+                   .replace("invalid choice", "opción no válida")
+                   .replace("expected one argument", "se esperaba un valor"))
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\nPrueba «{self.prog} --help».\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="labkit", description="Herramientas del curso Lab KVM.")
+    sub = p.add_subparsers(dest="command", metavar="ORDEN", parser_class=_Parser)
+    d = sub.add_parser("doctor", help="diagnostica si este equipo puede usar KVM y por qué",
+                       description="Comprueba la virtualización del equipo (como virt-host-validate y kvm-ok, "
+                                   "y más) y dice qué acelerador usará el curso.")
+    d.add_argument("--json", action="store_true", help="salida en JSON")
+    d.add_argument("--root", metavar="DIR", default="/", help="diagnostica un árbol guardado en DIR")
+    d.add_argument("--save", metavar="DIR", help="guarda en DIR los ficheros que lee el diagnóstico")
+    d.add_argument("--functional", action="store_true",
+                   help="ejecuta además unas instrucciones reales con KVM_RUN y las cronometra")
+    return p
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from . import doctor, host
+
+    if args.save:
+        out = host.save_tree(args.save, root=args.root)
+        print(f"Diagnóstico guardado en {out}. Para verlo en otro equipo: labkit doctor --root {out}")
+        return 0
+    report = host.probe(args.root, functional=args.functional)
+    doctor.print_report(report, as_json=args.json)
+    return 0 if report.can_run_guests else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        if args.command == "doctor":
+            return _doctor(args)
+    except LabkitError as err:
+        print(f"labkit: {err}", file=sys.stderr)
+        return 2
+    return 2  # pragma: no cover - argparse refuses unknown commands first
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The one error tree of labkit.
+
+Every error says, in Spanish, what happened (``message``) and what to do next
+(``hint``), and keeps its cause (``raise ... from err``)::
+
+    LabkitError
+     ├── InputError            bad value given by the user (size, path, name ...)
+     ├── HostError             the host cannot do what was asked
+     │    └── ProbeError       a host file could not be read or made sense of
+     ├── ToolMissingError      a program (qemu, virsh, qemu-img ...) is not installed
+     └── SetupError            the course environment is incomplete
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "LabkitError",
+    "InputError",
+    "HostError",
+    "ProbeError",
+    "ToolMissingError",
+    "SetupError",
+]
+
+
+class LabkitError(Exception):
+    """Base of every labkit error: a Spanish message plus a hint."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  Qué hacer: {self.hint}"
+        return self.message
+
+    def _repr_markdown_(self) -> str:  # short display in notebooks
+        text = f"**Error:** {self.message}"
+        if self.hint:
+            text += f"\n\n**Qué hacer:** {self.hint}"
+        return text
+
+
+class InputError(LabkitError, ValueError):
+    """A value given by the user is not valid."""
+
+
+class HostError(LabkitError):
+    """The host cannot do what was asked."""
+
+
+class ProbeError(HostError):
+    """A host file could not be read or understood."""
+
+
+class ToolMissingError(LabkitError):
+    """A required program is not installed."""
+
+    def __init__(self, tool: str, package: str, message: str = "") -> None:
+        super().__init__(
+            message or f"No se encuentra el programa «{tool}».",
+            f"Instálalo con: sudo apt-get install {package}  (o ejecuta ./lab course, que lo instala).",
+        )
+        self.tool = tool
+        self.package = package
+
+
+class SetupError(LabkitError):
+    """The course environment is incomplete."""
