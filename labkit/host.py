@@ -35,6 +35,7 @@ __all__ = [
     "parse_cpuinfo",
     "probe",
     "save_tree",
+    "decode_msr",
     "MANIFEST",
 ]
 
@@ -432,31 +433,44 @@ def _nested_check(tree: _Tree, module: str | None) -> tuple[bool | None, Check]:
     return None, Check("nested", title, NOTE, NOT_NEEDED, "Sin módulo kvm_intel/kvm_amd: no aplica")
 
 
+def decode_msr(address: int, value: int) -> dict[str, bool]:
+    """Decode the firmware-lock MSRs that kvm-ok reads.
+
+    IA32_FEATURE_CONTROL (0x3a, Intel): bit 0 lock, bit 1 VMX inside SMX, bit 2
+    VMX outside SMX. VM_CR (0xc0010114, AMD): bit 3 lock, bit 4 SVMDIS.
+    ``disabled`` is True when the firmware has locked virtualization off.
+    """
+    if address == 0x3A:
+        bits = {"lock": bool(value & 0x1), "vmx_in_smx": bool(value & 0x2), "vmx_outside_smx": bool(value & 0x4)}
+        return {**bits, "disabled": bits["lock"] and not bits["vmx_outside_smx"]}
+    if address == 0xC0010114:
+        bits = {"lock": bool(value & 0x8), "svmdis": bool(value & 0x10)}
+        return {**bits, "disabled": bits["svmdis"]}
+    raise InputError(f"El MSR {address:#x} no es uno de los que se decodifican aquí.",
+                     "Usa 0x3a (Intel, IA32_FEATURE_CONTROL) o 0xc0010114 (AMD, VM_CR).")
+
+
+_FIRMWARE_MSR = {  # vendor -> (address, name, text when disabled, text when allowed, BIOS option)
+    "GenuineIntel": (0x3A, "IA32_FEATURE_CONTROL", "bloqueado con VMX desactivado", "VMX permitido",
+                     "Activa «Intel Virtualization Technology» en la BIOS/UEFI."),
+    "AuthenticAMD": (0xC0010114, "VM_CR", "SVMDIS activo", "SVM permitido",
+                     "Activa «SVM Mode» (AMD-V) en la BIOS/UEFI."),
+}
+
+
 def _firmware_check(tree: _Tree, cpu: CpuInfo) -> tuple[bool | None, Check]:
     """True when firmware has VT-x/AMD-V locked off (as kvm-ok reads it)."""
     title = "Virtualización activada en el firmware (MSR)"
-    vendor = cpu.vendor or ""
-    if vendor == "GenuineIntel":
-        value = tree.msr(0x3A)
-        if value is not None:
-            locked, outside_smx = bool(value & 0x1), bool(value & 0x4)
-            disabled = locked and not outside_smx
-            return disabled, _check(
-                "firmware", title, not disabled, RECOMMENDED,
-                f"IA32_FEATURE_CONTROL (0x3a) = {value:#x}: "
-                + ("bloqueado con VMX desactivado" if disabled else "VMX permitido"),
-                "Activa «Intel Virtualization Technology» en la BIOS/UEFI.")
-    elif vendor == "AuthenticAMD":
-        value = tree.msr(0xC0010114)
-        if value is not None:
-            disabled = bool(value & 0x10)
-            return disabled, _check(
-                "firmware", title, not disabled, RECOMMENDED,
-                f"VM_CR (0xc0010114) = {value:#x}: " + ("SVMDIS activo" if disabled else "SVM permitido"),
-                "Activa «SVM Mode» (AMD-V) en la BIOS/UEFI.")
-    else:
+    known = _FIRMWARE_MSR.get(cpu.vendor or "")
+    if known is None:
         return None, Check("firmware", title, NOTE, RECOMMENDED,
                            "No aplica a esta CPU (solo x86 Intel/AMD tienen estos MSR)")
+    address, name, off_text, on_text, hint = known
+    value = tree.msr(address)
+    if value is not None:
+        disabled = decode_msr(address, value)["disabled"]
+        return disabled, _check("firmware", title, not disabled, RECOMMENDED,
+                                f"{name} ({address:#x}) = {value:#x}: {off_text if disabled else on_text}", hint)
     if cpu.hypervisor:
         return None, Check("firmware", title, NOTE, RECOMMENDED,
                            "Máquina virtual: el firmware que cuenta es el del anfitrión")
