@@ -41,7 +41,7 @@ import tempfile
 import textwrap
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -57,6 +57,9 @@ except ModuleNotFoundError:  # Python < 3.11
 
 __all__ = [
     "KINDS",
+    "KIND_LABELS",
+    "MAX_OPTION_CHARS",
+    "Answer",
     "Option",
     "Question",
     "Bank",
@@ -135,7 +138,7 @@ class Bank:
     def __len__(self) -> int:
         return len(self.questions)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Question]:
         return iter(self.questions)
 
     def question(self, question_id: str) -> Question:
@@ -315,6 +318,12 @@ def _parse_question(item: Any, n: int, source: str) -> Question:
         raise fail(
             f"la respuesta correcta «{', '.join(missing)}» no está entre las opciones "
             f"({', '.join(options)})."
+        )
+    wasted = [k for k in feedback if k in correct]
+    if wasted:
+        raise fail(
+            f"hay comentario para la opción correcta «{', '.join(wasted)}», que nunca se "
+            "mostraría; ponlo en «explanation»."
         )
     opts = tuple(Option(k, v.strip(), feedback.get(k, "").strip()) for k, v in options.items())
     return Question(qid, kind, prompt, explanation, options=opts, correct=frozenset(correct))
