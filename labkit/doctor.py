@@ -55,6 +55,7 @@ def format_json(report: HostReport) -> str:
     return json.dumps(report.to_dict(), indent=2, ensure_ascii=False)
 
 
-def print_report(report: HostReport, as_json: bool = False, stream: TextIO = sys.stdout) -> None:
+def print_report(report: HostReport, as_json: bool = False, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout
     text = format_json(report) if as_json else format_report(report, color=use_color(stream))
     print(text, file=stream)

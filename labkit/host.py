@@ -365,18 +365,22 @@ def _cpu_checks(tree: _Tree, cpu: CpuInfo, cpu_text: str | None) -> list[Check]:
                   f"{model} ({cpu.architecture}, {cpu.cpus} CPU)")]
 
 
-def _hw_check(cpu: CpuInfo, kvm_dev: Device) -> Check:
+def _hw_check(cpu: CpuInfo, kvm_dev: Device, in_vm: bool) -> Check:
     title = "Virtualización por hardware (VT-x / AMD-V)"
     if cpu.architecture in ("aarch64", "armv7l"):
-        ok = kvm_dev.exists
-        return _check("hw-virt", title, ok, RECOMMENDED,
-                      "ARM: el kernel arrancó en EL2 y ofrece KVM" if ok else
+        if kvm_dev.exists:
+            return _check("hw-virt", title, True, RECOMMENDED, "ARM: el kernel arrancó en EL2 y ofrece KVM")
+        if in_vm:
+            return _check("hw-virt", title, False, RECOMMENDED,
+                          "ARM: máquina virtual sin /dev/kvm: su hipervisor no ofrece EL2 anidado",
+                          "Usa una instancia física (p. ej. *.metal) o un hipervisor con anidación.")
+        return _check("hw-virt", title, False, RECOMMENDED,
                       "ARM: no hay /dev/kvm (el kernel no arrancó en EL2 o no tiene KVM)",
                       "En ARM la virtualización no aparece en cpuinfo: el firmware debe arrancar Linux en EL2.")
     if cpu.virtualization:
         flag = "vmx" if cpu.virtualization == "VT-x" else "svm"
         return _check("hw-virt", title, True, RECOMMENDED, f"{cpu.virtualization} presente (flag {flag})")
-    if cpu.hypervisor:
+    if in_vm:
         return _check("hw-virt", title, False, RECOMMENDED,
                       "La CPU virtual no muestra vmx ni svm: el hipervisor de debajo no ofrece anidación",
                       "Sin VT-x/AMD-V, QEMU usa TCG (emulación).")
@@ -458,8 +462,13 @@ _FIRMWARE_MSR = {  # vendor -> (address, name, text when disabled, text when all
 }
 
 
-def _firmware_check(tree: _Tree, cpu: CpuInfo) -> tuple[bool | None, Check]:
-    """True when firmware has VT-x/AMD-V locked off (as kvm-ok reads it)."""
+def _firmware_check(tree: _Tree, cpu: CpuInfo, in_vm: bool) -> tuple[bool | None, Check]:
+    """True when firmware has VT-x/AMD-V locked off (as kvm-ok reads it).
+
+    Inside a VM the register is virtual: a Linux guest without VMX locks it
+    itself at boot (arch/x86/kernel/cpu/feat_ctl.c), so it proves nothing
+    about any BIOS.
+    """
     title = "Virtualización activada en el firmware (MSR)"
     known = _FIRMWARE_MSR.get(cpu.vendor or "")
     if known is None:
@@ -467,25 +476,45 @@ def _firmware_check(tree: _Tree, cpu: CpuInfo) -> tuple[bool | None, Check]:
                            "No aplica a esta CPU (solo x86 Intel/AMD tienen estos MSR)")
     address, name, off_text, on_text, hint = known
     value = tree.msr(address)
+    if in_vm:
+        seen = f" ({name} = {value:#x}, virtual)" if value is not None else ""
+        return None, Check("firmware", title, NOTE, RECOMMENDED,
+                           f"Máquina virtual: el firmware que cuenta es el del anfitrión{seen}")
     if value is not None:
         disabled = decode_msr(address, value)["disabled"]
         return disabled, _check("firmware", title, not disabled, RECOMMENDED,
                                 f"{name} ({address:#x}) = {value:#x}: {off_text if disabled else on_text}", hint)
-    if cpu.hypervisor:
-        return None, Check("firmware", title, NOTE, RECOMMENDED,
-                           "Máquina virtual: el firmware que cuenta es el del anfitrión")
     return None, Check("firmware", title, NOTE, RECOMMENDED, "No se puede leer dev/cpu/0/msr",
                        "Como root: modprobe msr, y vuelve a ejecutar el diagnóstico.")
 
 
-def _hypervisor_check(tree: _Tree, cpu: CpuInfo) -> Check:
-    title = "¿Se ejecuta dentro de una máquina virtual?"
+# DMI names of virtual platforms (sys_vendor or product_name, lowercase substrings)
+_VIRTUAL_DMI = ("qemu", "kvm", "amazon ec2", "google compute engine", "virtual machine", "vmware",
+                "virtualbox", "innotek", "xen", "digitalocean", "openstack", "bochs", "parallels",
+                "cloud hypervisor", "firecracker")
+
+
+def _dmi(tree: _Tree) -> str:
     vendor = (tree.read("sys/class/dmi/id/sys_vendor") or "").strip()
     product = (tree.read("sys/class/dmi/id/product_name") or "").strip()
-    dmi = " ".join(x for x in (vendor, product) if x)
+    return " ".join(x for x in (vendor, product) if x)
+
+
+def _in_vm(cpu: CpuInfo, dmi: str) -> bool:
+    """The CPUID hypervisor bit (x86), or DMI naming a virtual platform (ARM has no such bit)."""
+    low = dmi.lower()
+    if cpu.hypervisor:
+        return True
+    return any(name in low for name in _VIRTUAL_DMI) and not low.endswith(".metal")
+
+
+def _hypervisor_check(cpu: CpuInfo, dmi: str, in_vm: bool) -> Check:
+    title = "¿Se ejecuta dentro de una máquina virtual?"
     if cpu.hypervisor:
         return Check("hypervisor", title, NOTE, NOT_NEEDED,
                      "Sí: la CPU muestra el flag hypervisor" + (f" (DMI: {dmi})" if dmi else ""))
+    if in_vm:
+        return Check("hypervisor", title, NOTE, NOT_NEEDED, f"Sí: el firmware (DMI) dice «{dmi}»")
     return Check("hypervisor", title, PASS, NOT_NEEDED,
                  "No: sin flag hypervisor (máquina física)" + (f", {dmi}" if dmi else ""))
 
@@ -524,6 +553,8 @@ def _device_check(cid: str, title: str, dev: Device, importance: str, hint: str,
 
 def _cgroup_checks(tree: _Tree) -> list[Check]:
     v2 = tree.read("sys/fs/cgroup/cgroup.controllers")
+    if v2 is None:  # hybrid layout: v1 controllers plus a v2 tree at .../unified
+        v2 = tree.read("sys/fs/cgroup/unified/cgroup.controllers") if tree.read("proc/cgroups") is None else None
     v1 = tree.read("proc/cgroups")
     available: set[str] | None = None
     source = ""
@@ -586,29 +617,39 @@ def _secure_guest_check(tree: _Tree, cpu: CpuInfo) -> Check:
                  "Solo hace falta para máquinas confidenciales.")
 
 
-def _qemu_check(tree: _Tree) -> tuple[dict[str, Any] | None, Check]:
-    title = "QEMU instalado (qemu-system-x86_64)"
-    if "qemu" in tree.manifest:
-        info = tree.manifest["qemu"]
-    elif tree.live:
-        path = shutil.which("qemu-system-x86_64")
-        info = None
-        if path:
-            info = {"path": path, "version": None}
-            try:
-                out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
-                m = re.search(r"version (\S+)", out)
-                info["version"] = m.group(1) if m else None
-            except (OSError, subprocess.SubprocessError):
-                pass
+_QEMU_BINARY = {"aarch64": "qemu-system-aarch64", "armv7l": "qemu-system-arm"}
+
+
+def _qemu_info(binary: str) -> dict[str, Any] | None:
+    path = shutil.which(binary)
+    if path is None:
+        return None
+    info: dict[str, Any] = {"path": path, "version": None}
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r"version (\S+)", out)
+        info["version"] = m.group(1) if m else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _qemu_check(tree: _Tree, cpu: CpuInfo) -> tuple[dict[str, Any] | None, Check]:
+    """In a saved tree, "qemu": {...} installed, false not installed, null or absent unknown."""
+    binary = _QEMU_BINARY.get(cpu.architecture, "qemu-system-x86_64")
+    title = f"QEMU instalado ({binary})"
+    fix = f"sudo apt-get install {'qemu-system-arm' if 'arm' in binary or 'aarch64' in binary else 'qemu-system-x86'}"
+    if tree.live:
+        info = _qemu_info(binary)
         if info is None:
-            return None, Check("qemu", title, FAIL, REQUIRED, "No se encuentra qemu-system-x86_64",
-                               "sudo apt-get install qemu-system-x86 (o ejecuta ./lab course).")
+            return None, Check("qemu", title, FAIL, REQUIRED, f"No se encuentra {binary}",
+                               fix + " (o ejecuta ./lab course).")
     else:
-        return None, Check("qemu", title, NOTE, REQUIRED, "El árbol guardado no dice si QEMU estaba instalado")
-    if not info:
-        return None, Check("qemu", title, FAIL, REQUIRED, "QEMU no estaba instalado",
-                           "sudo apt-get install qemu-system-x86")
+        info = tree.manifest.get("qemu")
+        if info is False:
+            return None, Check("qemu", title, FAIL, REQUIRED, "QEMU no estaba instalado", fix)
+        if not info:
+            return None, Check("qemu", title, NOTE, REQUIRED, "El árbol guardado no dice si QEMU estaba instalado")
     return info, Check("qemu", title, PASS, REQUIRED,
                        f"{info.get('path')} (versión {info.get('version') or 'desconocida'})")
 
@@ -632,7 +673,7 @@ def _run_check(tree: _Tree, kvm_dev: Device) -> Check:
 
 # ---------------------------------------------------------------- verdict
 
-def _verdict(cpu: CpuInfo, module: str | None, kvm_dev: Device, firmware_off: bool | None) -> str:
+def _verdict(cpu: CpuInfo, in_vm: bool, module: str | None, kvm_dev: Device, firmware_off: bool | None) -> str:
     usable = kvm_dev.exists and kvm_dev.is_char
     if module == "kvm_pvm":
         return "kvm-pvm"
@@ -643,11 +684,11 @@ def _verdict(cpu: CpuInfo, module: str | None, kvm_dev: Device, firmware_off: bo
         if usable:
             if not (kvm_dev.readable and kvm_dev.writable):
                 return "no-permission"
-            return "kvm-nested" if cpu.hypervisor else "kvm"
+            return "kvm-nested" if in_vm else "kvm"
         if is_arm:
-            return "no-nested-support" if cpu.hypervisor else "no-hardware-support"
+            return "no-nested-support" if in_vm else "no-hardware-support"
         return "module-not-loaded"
-    return "no-nested-support" if cpu.hypervisor else "no-hardware-support"
+    return "no-nested-support" if in_vm else "no-hardware-support"
 
 
 def probe(root: str = "/", *, functional: bool = False) -> HostReport:
@@ -664,8 +705,10 @@ def probe(root: str = "/", *, functional: bool = False) -> HostReport:
     cpu_text = tree.read("proc/cpuinfo")
     cpu = parse_cpuinfo(cpu_text or "")
     kvm_dev = tree.device("dev/kvm")
+    dmi = _dmi(tree)
+    in_vm = _in_vm(cpu, dmi)
     checks = _cpu_checks(tree, cpu, cpu_text)
-    checks.append(_hw_check(cpu, kvm_dev))
+    checks.append(_hw_check(cpu, kvm_dev, in_vm))
     checks.append(_device_check("kvm-device", "Existe /dev/kvm", kvm_dev, RECOMMENDED,
                                 "Carga el módulo de KVM (kvm_intel o kvm_amd).", FAIL))
     if kvm_dev.exists and kvm_dev.is_char:
@@ -681,9 +724,9 @@ def probe(root: str = "/", *, functional: bool = False) -> HostReport:
     checks.append(mod_check)
     nested, nested_check = _nested_check(tree, module)
     checks.append(nested_check)
-    firmware_off, fw_check = _firmware_check(tree, cpu)
+    firmware_off, fw_check = _firmware_check(tree, cpu, in_vm)
     checks.append(fw_check)
-    checks.append(_hypervisor_check(tree, cpu))
+    checks.append(_hypervisor_check(cpu, dmi, in_vm))
     kvm, api_check = _kvm_api(tree, kvm_dev)
     checks.append(api_check)
     if functional:
@@ -695,10 +738,10 @@ def probe(root: str = "/", *, functional: bool = False) -> HostReport:
     checks.extend(_cgroup_checks(tree))
     checks.append(_iommu_check(tree, cpu))
     checks.append(_secure_guest_check(tree, cpu))
-    qemu, qemu_check = _qemu_check(tree)
+    qemu, qemu_check = _qemu_check(tree, cpu)
     checks.append(qemu_check)
-    verdict = _verdict(cpu, module, kvm_dev, firmware_off)
-    return HostReport(str(root), cpu, tuple(checks), verdict, module, nested, cpu.hypervisor, kvm, qemu,
+    verdict = _verdict(cpu, in_vm, module, kvm_dev, firmware_off)
+    return HostReport(str(root), cpu, tuple(checks), verdict, module, nested, in_vm, kvm, qemu,
                       tuple(tree.problems))
 
 
@@ -771,7 +814,8 @@ def save_tree(dest: str, root: str = "/") -> Path:
                             "readable": d.readable, "writable": d.writable}
     report = probe(root)
     manifest: dict[str, Any] = {"format": 1, "source": f"labkit doctor --save en {os.uname().nodename}",
-                                "devices": devices, "kvm": report.kvm, "qemu": report.qemu}
+                                "devices": devices, "kvm": report.kvm,
+                                "qemu": report.qemu if report.qemu is not None else False}
     msr = {hex(a): tree.msr(a) for a in (0x3A, 0xC0010114)}
     msr = {k: v for k, v in msr.items() if v is not None}
     if msr:

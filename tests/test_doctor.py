@@ -90,7 +90,7 @@ def test_doctor_missing_root_exit_2(tmp_path):
 def test_doctor_exit_1_when_qemu_missing(tmp_path):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cpuinfo").write_text("")
-    (tmp_path / host.MANIFEST).write_text(json.dumps({"qemu": None}))
+    (tmp_path / host.MANIFEST).write_text(json.dumps({"qemu": False}))
     assert cli.main(["doctor", "--root", str(tmp_path)]) == 1
 
 
