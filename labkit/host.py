@@ -36,6 +36,7 @@ __all__ = [
     "probe",
     "save_tree",
     "decode_msr",
+    "sample_cpus",
     "MANIFEST",
 ]
 
@@ -135,6 +136,23 @@ def parse_cpuinfo(text: str) -> CpuInfo:
         model = merged.get("model name") or merged.get("hardware") or merged.get("model")
         return CpuInfo(arch, vendor, model, flags, None, cpus)
     return CpuInfo("unknown", merged.get("vendor_id"), merged.get("model name"), frozenset(), None, cpus)
+
+
+_SAMPLES = {
+    "intel-laptop": "Portátil Intel (Core i5-7200U)",
+    "amd-desktop-nested": "Sobremesa AMD (Ryzen 9 5950X)",
+    "nested-guest-vmx": "VM en la nube con VT-x anidado (Xeon 8358)",
+    "cloud-vm-no-nesting": "VM en la nube sin anidación (Xeon 8259CL)",
+    "aarch64-server": "Servidor ARM64 (Cavium ThunderX)",
+}
+
+
+def sample_cpus() -> dict[str, CpuInfo]:
+    """Real /proc/cpuinfo files of other machines, shipped with labkit, for comparison."""
+    from importlib.resources import files
+
+    folder = files("labkit") / "data" / "cpuinfo"
+    return {label: parse_cpuinfo((folder / f"{name}.txt").read_text()) for name, label in _SAMPLES.items()}
 
 
 # ---------------------------------------------------------------- reading a tree

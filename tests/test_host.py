@@ -250,3 +250,17 @@ def test_decode_msr(address, value, disabled):
 def test_decode_unknown_msr_is_refused():
     with pytest.raises(InputError):
         host.decode_msr(0x10, 1)
+
+
+def test_sample_cpus_are_the_fixture_files():
+    samples = host.sample_cpus()
+    assert len(samples) == 5
+    by_virt = {label: cpu.virtualization for label, cpu in samples.items()}
+    assert by_virt["Portátil Intel (Core i5-7200U)"] == "VT-x"
+    assert by_virt["Sobremesa AMD (Ryzen 9 5950X)"] == "AMD-V"
+    assert by_virt["VM en la nube sin anidación (Xeon 8259CL)"] is None
+    assert samples["Servidor ARM64 (Cavium ThunderX)"].architecture == "aarch64"
+    fixtures = Path(__file__).parent / "fixtures" / "hosts"
+    data = Path(host.__file__).parent / "data" / "cpuinfo"
+    for name in host._SAMPLES:
+        assert (data / f"{name}.txt").read_text() == (fixtures / name / "proc/cpuinfo").read_text()
