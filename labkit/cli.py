@@ -38,7 +38,32 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--save", metavar="DIR", help="guarda en DIR los ficheros que lee el diagnóstico")
     d.add_argument("--functional", action="store_true",
                    help="ejecuta además unas instrucciones reales con KVM_RUN y las cronometra")
+    g = sub.add_parser("guest", help="construye y arranca el invitado mínimo del curso")
+    gsub = g.add_subparsers(dest="guest_command", metavar="ACCIÓN", parser_class=_Parser)
+    b = gsub.add_parser("build", help="prepara (o reconstruye) el kernel y el initramfs del invitado")
+    b.add_argument("--kernel", metavar="RUTA", help="usa este kernel (bzImage) en vez de buscarlo")
+    b.add_argument("--rebuild", action="store_true", help="reconstruye aunque esté en caché")
+    r = gsub.add_parser("boot", help="arranca un invitado, ejecuta una orden y lo para",
+                        description="Arranca el invitado, ejecuta ORDEN (o abre una shell si estás en un "
+                                    "terminal), imprime la salida y el acelerador usado, y lo para.")
+    r.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto", help="acelerador (auto por defecto)")
+    r.add_argument("--machine", choices=("microvm", "q35", "pc"), default="microvm", help="tipo de máquina")
+    r.add_argument("--memory", default="256M", help="memoria, p. ej. 256M o 1G")
+    r.add_argument("--timeout", type=float, default=60.0, help="segundos para la orden")
+    r.add_argument("--show-command", action="store_true", help="imprime la línea de QEMU")
+    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- ORDEN", help="orden para el invitado")
     return p
+
+
+def _guest(args: argparse.Namespace) -> int:
+    from . import guest_cli
+
+    if args.guest_command == "build":
+        return guest_cli.build(args)
+    if args.guest_command == "boot":
+        return guest_cli.boot(args)
+    _parser().parse_args(["guest", "--help"])
+    return 2
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -61,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "doctor":
             return _doctor(args)
+        if args.command == "guest":
+            return _guest(args)
     except LabkitError as err:
         print(f"labkit: {err}", file=sys.stderr)
         return 2

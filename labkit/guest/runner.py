@@ -1,0 +1,340 @@
+"""The QEMU-direct runner: starts QEMU, talks QMP and the guest agent, cleans up.
+
+    with Guest(GuestSpec(memory="256M")) as g:
+        print(g.run("uname -r").stdout)
+        g.qmp("query-kvm")
+
+QEMU is started so that it dies with the process that started it (the Linux
+parent-death signal, set by ``setpriv --pdeathsig``), even after a ``kill -9``
+of a notebook kernel. Its sockets and logs live in a private temp dir that
+``stop()`` removes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..errors import HostError, InputError, ToolMissingError
+from . import argv as qargv
+from .agent import AgentClient, AgentError, decode_exec_status
+from .spec import GuestSpec
+
+__all__ = ["Guest", "CommandResult", "GuestError", "GuestStartError", "CommandTimeout", "CommandFailed",
+           "choose_accel", "runtime_base", "host_tsc_khz"]
+
+
+class GuestError(HostError):
+    """Something went wrong with a running guest."""
+
+
+class GuestStartError(GuestError):
+    """QEMU did not start, or the guest never answered."""
+
+
+class CommandTimeout(GuestError):
+    """A guest command outlived its timeout (it was killed; the guest is still usable)."""
+
+
+class CommandFailed(GuestError):
+    """A guest command ended with a non-zero status and ``check=True`` was asked."""
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What a command run in the guest produced."""
+
+    command: str
+    stdout: str
+    stderr: str
+    exit_status: int | None
+    duration: float
+    signal: int | None = None
+    truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0
+
+    def __str__(self) -> str:
+        return self.stdout
+
+
+def runtime_base() -> Path:
+    """Where guests keep sockets: $XDG_RUNTIME_DIR/labkit, else /tmp/labkit-<uid>."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(xdg) / "labkit" if xdg and Path(xdg).is_dir() else Path(tempfile.gettempdir()) / f"labkit-{os.getuid()}"
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return base
+
+
+def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
+    """The host TSC frequency in kHz, from BogoMIPS (Linux derives it from the TSC: kHz = BogoMIPS·500)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    m = re.search(r"^bogomips\s*:\s*([\d.]+)", cpuinfo, re.M | re.I)
+    if not m or "tsc" not in cpuinfo:
+        return None
+    return int(float(m.group(1)) * 500)
+
+
+def choose_accel(requested: str) -> tuple[str, str]:
+    """Resolve "auto" with the host probe; returns (accelerator, Spanish reason)."""
+    if requested in ("kvm", "tcg"):
+        return requested, f"pedido explícitamente (accel={requested})"
+    from ..host import probe
+
+    report = probe()
+    return report.accelerator, f"veredicto del anfitrión «{report.verdict}»: {report.reason}"
+
+
+def _spawn(argv: list[str], stderr: Any, interactive: bool) -> subprocess.Popen:
+    """Start QEMU so that the kernel kills it when this process dies (PR_SET_PDEATHSIG)."""
+    setpriv = shutil.which("setpriv")
+    wrapped = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+    io = None if interactive else subprocess.DEVNULL
+    return subprocess.Popen(wrapped, stdin=io, stdout=io, stderr=stderr, close_fds=True)
+
+
+def _terminate(proc: subprocess.Popen | None, directory: Path | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class Guest:
+    """A guest run by QEMU directly. Use it as a context manager, or call start()/stop()."""
+
+    backend = "qemu"
+
+    def __init__(self, spec: GuestSpec | None = None, *, assets: Any = None, boot_timeout: float = 60.0,
+                 kvm_timeout: float = 20.0, console: str = "file", binary: str = qargv.QEMU,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.spec = spec or GuestSpec()
+        if console not in ("file", "stdio"):
+            raise InputError(f"Consola no válida: «{console}».", "Usa «file» o «stdio».")
+        self._assets = assets
+        self.boot_timeout = boot_timeout
+        self.kvm_timeout = kvm_timeout
+        self._console = console
+        self._binary = binary
+        self._progress = progress or (lambda _msg: None)
+        self.accel: str | None = None
+        self.accel_reason = ""
+        self.fallback: str | None = None  # why a KVM boot was abandoned for TCG
+        self.boot_seconds: float | None = None
+        self.argv: list[str] = []
+        self._proc: subprocess.Popen | None = None
+        self._runtime: qargv.Runtime | None = None
+        self._agent: AgentClient | None = None
+        self._qmp: Any = None
+        self._finalizer: Any = None
+        self._last_console = ""
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def pid(self) -> int | None:
+        """PID of the QEMU process (the guest, as the host sees it)."""
+        # setpriv execs QEMU, so the child's pid is QEMU's
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _boot_files(self) -> qargv.BootFiles:
+        if self._assets is None:
+            from .assets import ensure_assets
+
+            self._assets = ensure_assets(progress=self._progress)
+        kernel = self._assets.vmlinux or self._assets.bzimage
+        return qargv.BootFiles(Path(kernel), Path(self._assets.initramfs))
+
+    def start(self) -> "Guest":
+        if self.running:
+            return self
+        if shutil.which(self._binary) is None:
+            raise ToolMissingError(self._binary, "qemu-system-x86")
+        boot = self._boot_files()
+        accel, self.accel_reason = choose_accel(self.spec.accel)
+        if accel == "kvm":
+            try:
+                self._launch("kvm", boot, min(self.kvm_timeout, self.boot_timeout))
+                return self
+            except GuestStartError as err:
+                if self.spec.accel == "kvm":
+                    raise
+                self.fallback = (f"el arranque con KVM no llegó al agente en {self.kvm_timeout:g} s "
+                                 f"({err.message}); se repite con TCG")
+                self._progress(f"Aviso: {self.fallback}")
+        self._launch("tcg", boot, self.boot_timeout)
+        return self
+
+    def _launch(self, accel: str, boot: qargv.BootFiles, timeout: float) -> None:
+        directory = Path(tempfile.mkdtemp(prefix=f"{self.spec.name}-", dir=runtime_base()))
+        runtime = qargv.Runtime(directory, console=self._console)
+        self.argv = qargv.build_argv(self.spec, accel, boot, runtime,
+                                     tsc_khz=host_tsc_khz() if accel == "tcg" else None, binary=self._binary)
+        stderr = open(directory / "qemu.stderr", "wb")
+        start = time.monotonic()
+        try:
+            proc = _spawn(self.argv, stderr, interactive=self._console == "stdio")
+        finally:
+            stderr.close()
+        self._proc, self._runtime, self.accel = proc, runtime, accel
+        self._finalizer = weakref.finalize(self, _terminate, proc, directory)
+        agent = AgentClient(runtime.agent)
+        try:
+            agent.connect(start + timeout, alive=lambda: proc.poll() is None)
+        except AgentError as err:
+            message = self._failure_text()
+            agent.close()
+            self._stop_process()
+            raise GuestStartError(f"El invitado no arrancó con {accel.upper()}: {err.message}\n{message}",
+                                  err.hint) from err
+        self._agent = agent
+        self.boot_seconds = time.monotonic() - start
+
+    def _failure_text(self) -> str:
+        parts = []
+        assert self._runtime is not None
+        for label, path in (("QEMU dijo", self._runtime.directory / "qemu.stderr"),
+                            ("Últimas líneas de la consola", self._runtime.console_log)):
+            try:
+                lines = path.read_text(errors="replace").strip().splitlines()[-12:]
+            except OSError:
+                continue
+            if lines:
+                parts.append(f"{label}:\n  " + "\n  ".join(lines))
+        return "\n".join(parts)
+
+    def _stop_process(self) -> None:
+        if self._runtime is not None:
+            try:
+                self._last_console = self._runtime.console_log.read_text(errors="replace")
+            except OSError:
+                pass
+        if self._qmp is not None:
+            from .aio import run_sync
+
+            try:
+                run_sync(self._qmp.disconnect(), timeout=5)
+            except Exception:  # noqa: BLE001 - the process is going away anyway
+                pass
+            self._qmp = None
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
+        if self._finalizer is not None:
+            self._finalizer()  # terminate + remove the temp dir, exactly once
+            self._finalizer = None
+
+    def stop(self) -> None:
+        """Stop QEMU (SIGTERM, then SIGKILL) and remove its sockets and temp dir. Safe to call twice."""
+        self._stop_process()
+
+    def __enter__(self) -> "Guest":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------ talking to it
+    def _need_agent(self) -> AgentClient:
+        if self._agent is None or not self.running:
+            raise GuestError("El invitado no está en marcha.", "Arráncalo con start() o con «with Guest(...)».")
+        return self._agent
+
+    def run(self, command: str | Sequence[str], *, timeout: float = 30.0, input: str | bytes | None = None,
+            check: bool = False) -> CommandResult:
+        """Run a command in the guest through qemu-ga (a string goes to /bin/sh -c)."""
+        agent = self._need_agent()
+        if isinstance(command, str):
+            path, args, shown = "/bin/sh", ["-c", command], command
+        else:
+            if not command:
+                raise InputError("La orden está vacía.", "Indica un programa, p. ej. ['uname', '-r'].")
+            path, args, shown = command[0], list(command[1:]), qargv.shell_line(list(command))
+        extra: dict[str, Any] = {"capture-output": True}
+        if input is not None:
+            import base64
+
+            data = input.encode() if isinstance(input, str) else input
+            extra["input-data"] = base64.b64encode(data).decode()
+        start = time.monotonic()
+        pid = agent.execute("guest-exec", path=path, arg=args, **extra)["pid"]
+        delay = 0.0005
+        while True:
+            status = decode_exec_status(agent.execute("guest-exec-status", pid=pid))
+            if status.exited:
+                break
+            if time.monotonic() - start > timeout:
+                try:
+                    agent.execute("guest-exec", path="/bin/kill", arg=["-KILL", str(pid)])
+                except AgentError:
+                    pass
+                raise CommandTimeout(f"La orden «{shown}» no terminó en {timeout:g} s; se ha matado en el invitado.",
+                                     "El invitado sigue disponible. Sube el timeout si la orden necesita más.")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        result = CommandResult(shown, status.stdout.decode(errors="replace"), status.stderr.decode(errors="replace"),
+                               status.exit_code, time.monotonic() - start, status.signal, status.truncated)
+        if check and not result.ok:
+            raise CommandFailed(f"La orden «{shown}» terminó con estado {result.exit_status}: "
+                                f"{result.stderr.strip()[:300]}", "Revisa la orden y su salida de error.")
+        return result
+
+    def agent(self, command: str, **arguments: Any) -> Any:
+        """Send a raw qemu-ga command (e.g. "guest-info") and return its answer."""
+        return self._need_agent().execute(command, **arguments)
+
+    def qmp(self, command: str, **arguments: Any) -> Any:
+        """Send a QMP command to QEMU (e.g. "query-kvm") and return its answer."""
+        if not self.running or self._runtime is None:
+            raise GuestError("El invitado no está en marcha.", "Arráncalo con start() o con «with Guest(...)».")
+        from qemu.qmp import ExecuteError, QMPClient
+
+        from .aio import run_sync
+
+        if self._qmp is None:
+            client = QMPClient(self.spec.name)
+            run_sync(client.connect(str(self._runtime.qmp)), timeout=10)
+            self._qmp = client
+        try:
+            return run_sync(self._qmp.execute(command, arguments or None), timeout=30)
+        except ExecuteError as err:
+            raise GuestError(f"QEMU rechazó «{command}»: {err.error.desc}",
+                             "Revisa el nombre y los argumentos en la referencia de QMP.") from err
+
+    def console_log(self) -> str:
+        """Everything the guest kernel and init printed on the serial console."""
+        if self._runtime is not None and self._runtime.console_log.exists():
+            return self._runtime.console_log.read_text(errors="replace")
+        return self._last_console
+
+    def command_line(self) -> str:
+        """The exact QEMU argv, shell-quoted, for display."""
+        return qargv.shell_line(self.argv)
+
+    def __repr__(self) -> str:
+        state = "en marcha" if self.running else "parado"
+        return f"<Guest {self.spec.name} ({state}, acelerador {self.accel or '?'})>"
+
