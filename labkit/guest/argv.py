@@ -77,6 +77,8 @@ class Runtime:
 def kernel_cmdline(spec: GuestSpec, accel: str, tsc_khz: int | None = None) -> str:
     """The guest kernel's command line: quiet, fast under TCG, and the user's extra options last."""
     parts = ["console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests", "rodata=off", "mitigations=off"]
+    if spec.machine == "microvm":
+        parts.append("pci=off")  # microvm has no PCI bus: skip probing for one
     if accel == "tcg" and tsc_khz:
         # Without a reference timer (microvm has no PIT/HPET) TSC calibration can hang under TCG.
         parts.append(f"tsc_early_khz={int(tsc_khz)}")

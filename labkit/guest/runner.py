@@ -30,7 +30,7 @@ from .agent import AgentClient, AgentError, decode_exec_status
 from .spec import GuestSpec
 
 __all__ = ["Guest", "CommandResult", "GuestError", "GuestStartError", "CommandTimeout", "CommandFailed",
-           "choose_accel", "runtime_base", "host_tsc_khz"]
+           "choose_accel", "runtime_base", "host_tsc_khz", "sweep_stale"]
 
 
 class GuestError(HostError):
@@ -88,6 +88,38 @@ def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
     if not m or "tsc" not in cpuinfo:
         return None
     return int(float(m.group(1)) * 500)
+
+
+def _alive(pid: int) -> bool:
+    """True for a running process; a zombie (dead, not yet reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def sweep_stale(base: Path | None = None) -> list[Path]:
+    """Remove runtime dirs left by a process that died (e.g. ``kill -9`` of a notebook kernel).
+
+    A dir is stale when the Python process that made it and its QEMU are both gone
+    (QEMU itself dies with its parent, through the parent-death signal).
+    """
+    removed = []
+    base = base or runtime_base()
+    for directory in base.glob("labkit-*"):
+        try:
+            owner = int((directory / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        try:
+            qemu = int((directory / "qemu.pid").read_text())
+        except (OSError, ValueError):
+            qemu = None
+        if not _alive(owner) and (qemu is None or not _alive(qemu)):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
 
 
 def choose_accel(requested: str) -> tuple[str, str]:
@@ -182,14 +214,15 @@ class Guest:
             except GuestStartError as err:
                 if self.spec.accel == "kvm":
                     raise
-                self.fallback = (f"el arranque con KVM no llegó al agente en {self.kvm_timeout:g} s "
-                                 f"({err.message}); se repite con TCG")
+                self.fallback = f"{err.message}\n→ se repite con TCG"
                 self._progress(f"Aviso: {self.fallback}")
         self._launch("tcg", boot, self.boot_timeout)
         return self
 
     def _launch(self, accel: str, boot: qargv.BootFiles, timeout: float) -> None:
+        sweep_stale()
         directory = Path(tempfile.mkdtemp(prefix=f"{self.spec.name}-", dir=runtime_base()))
+        (directory / "owner.pid").write_text(str(os.getpid()))
         runtime = qargv.Runtime(directory, console=self._console)
         self.argv = qargv.build_argv(self.spec, accel, boot, runtime,
                                      tsc_khz=host_tsc_khz() if accel == "tcg" else None, binary=self._binary)
@@ -199,6 +232,7 @@ class Guest:
             proc = _spawn(self.argv, stderr, interactive=self._console == "stdio")
         finally:
             stderr.close()
+        (directory / "qemu.pid").write_text(str(proc.pid))
         self._proc, self._runtime, self.accel = proc, runtime, accel
         self._finalizer = weakref.finalize(self, _terminate, proc, directory)
         agent = AgentClient(runtime.agent)
@@ -321,7 +355,7 @@ class Guest:
         try:
             return run_sync(self._qmp.execute(command, arguments or None), timeout=30)
         except ExecuteError as err:
-            raise GuestError(f"QEMU rechazó «{command}»: {err.error.desc}",
+            raise GuestError(f"QEMU rechazó «{command}»: {err.error.error.desc}",
                              "Revisa el nombre y los argumentos en la referencia de QMP.") from err
 
     def console_log(self) -> str:
