@@ -1,7 +1,8 @@
 """labkit: make virtualization visible (the Lab KVM course).
 
-The public face: probe the host, read the verdict, compare with the classic
-tools. Guests, devices and benchmarks join as the course grows.
+The public face: probe the host and read its verdict; describe a guest
+(``GuestSpec``) and boot it (``Guest``). Devices and benchmarks join as the
+course grows.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from .errors import HostError, InputError, LabkitError, ProbeError, SetupError, ToolMissingError
+from .guest import CommandResult, Guest, GuestSpec
 from .host import Check, CpuInfo, HostReport, parse_cpuinfo, probe, save_tree
 
 __all__ = [
@@ -18,6 +20,9 @@ __all__ = [
     "HostReport",
     "Check",
     "CpuInfo",
+    "Guest",
+    "GuestSpec",
+    "CommandResult",
     "LabkitError",
     "InputError",
     "HostError",

@@ -1,7 +1,8 @@
 """The ``labkit`` command line: ``labkit doctor`` (more subcommands come with the guest engine).
 
-Exit status: 0 when a guest can run here (KVM or TCG), 1 when none can
-(QEMU missing), 2 for bad arguments or input.
+Exit status: 0 on success (for doctor: a guest can run here, with KVM or TCG),
+1 when it cannot be done (doctor: QEMU missing; guest: it did not build or
+boot), 2 for bad arguments or input.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from .errors import LabkitError
+from .errors import InputError, LabkitError
 
 __all__ = ["main"]
 
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--memory", default="256M", help="memoria, p. ej. 256M o 1G")
     r.add_argument("--timeout", type=float, default=60.0, help="segundos para la orden")
     r.add_argument("--show-command", action="store_true", help="imprime la línea de QEMU")
-    r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- ORDEN", help="orden para el invitado")
+    r.add_argument("guest_argv", nargs=argparse.REMAINDER, metavar="-- ORDEN", help="orden para el invitado")
     return p
 
 
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _guest(args)
     except LabkitError as err:
         print(f"labkit: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, InputError) else 1
     return 2  # pragma: no cover - argparse refuses unknown commands first
 
 

@@ -18,7 +18,7 @@ def _say(message: str) -> None:
 def build(args: argparse.Namespace) -> int:
     from .guest.assets import ensure_assets
 
-    assets = ensure_assets(args.kernel, progress=_say, rebuild=args.rebuild)
+    assets = ensure_assets(args.kernel, progress=_say, rebuild=args.rebuild, verify=True)
     print(f"kernel {assets.kernel_version}")
     print(f"  bzImage:   {assets.bzimage}")
     print(f"  vmlinux:   {assets.vmlinux or '(no se pudo extraer: se arrancará el bzImage)'}")
@@ -28,7 +28,7 @@ def build(args: argparse.Namespace) -> int:
 
 
 def boot(args: argparse.Namespace) -> int:
-    command = list(args.command)
+    command = list(args.guest_argv)
     if command and command[0] == "--":
         command = command[1:]
     interactive = not command and sys.stdin.isatty() and sys.stdout.isatty()

@@ -6,6 +6,7 @@ import labkit
 def test_public_names():
     assert labkit.__all__ == [
         "probe", "parse_cpuinfo", "save_tree", "HostReport", "Check", "CpuInfo",
+        "Guest", "GuestSpec", "CommandResult",
         "LabkitError", "InputError", "HostError", "ProbeError", "ToolMissingError", "SetupError",
     ]
     for name in labkit.__all__:
