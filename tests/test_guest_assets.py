@@ -21,20 +21,11 @@ from pathlib import Path
 import pytest
 
 from labkit.errors import SetupError
-from labkit.guest import assets
-from labkit.guest.assets import (
-    CpioWriter,
-    GuestAssets,
-    ensure_assets,
-    extract_vmlinux,
-    find_kernel,
-    has_pvh_note,
-    kernel_version_of,
-    list_cpio,
-    read_modinfo,
-    resolve_load_order,
-    write_module_index,
-)
+from labkit.guest import assets, kernel, kmod
+from labkit.guest.assets import GuestAssets, ensure_assets
+from labkit.guest.cpio import CpioWriter, list_cpio
+from labkit.guest.kernel import extract_vmlinux, find_kernel, has_pvh_note, kernel_version_of
+from labkit.guest.kmod import read_modinfo, resolve_load_order, write_module_index
 
 VERSION = "9.9.9-test"
 
@@ -143,7 +134,7 @@ def test_dependencies_load_first():
 
 def test_every_module_follows_all_its_dependencies():
     order = resolve_load_order(["xhci_pci", "virtio_pci", "ext4"], MODULES_DEP, SOFTDEP, aliases_text=ALIASES)
-    deps = assets.parse_modules_dep(MODULES_DEP)
+    deps = kmod.parse_modules_dep(MODULES_DEP)
     for name in order:
         for dep in deps[name][1]:
             assert before(order, dep, name), (dep, name, order)
@@ -173,7 +164,7 @@ def test_generic_crc32c_loads_before_the_cpu_specific_one():
 def test_builtin_modules_are_skipped():
     order = resolve_load_order(["virtio_console", "virtio_mmio"], MODULES_DEP, builtin={"virtio_ring", "virtio_mmio"})
     assert order == ["virtio", "virtio_console"]
-    builtin = assets.parse_builtin("kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n")
+    builtin = kmod.parse_builtin("kernel/drivers/virtio/virtio.ko\nkernel/drivers/virtio/virtio_ring.ko\n")
     assert resolve_load_order(["virtio_console"], MODULES_DEP, builtin=builtin) == ["virtio_console"]
 
 
@@ -205,7 +196,7 @@ def test_softdep_cycle_and_missing_softdep_are_dropped():
 
 
 def test_modules_dep_parser_reads_compressed_names():
-    table = assets.parse_modules_dep("kernel/fs/nls/nls_iso8859-1.ko.xz: kernel/fs/nls/nls_base.ko.zst\n")
+    table = kmod.parse_modules_dep("kernel/fs/nls/nls_iso8859-1.ko.xz: kernel/fs/nls/nls_base.ko.zst\n")
     assert table == {"nls_iso8859_1": ("kernel/fs/nls/nls_iso8859-1.ko.xz", ("nls_base",))}
 
 
@@ -239,7 +230,7 @@ def _write_module_tree(modules: Path) -> None:
     for rel, pairs in kos.items():
         path = modules / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(make_ko([("name", assets.module_name(rel)), *pairs]))
+        path.write_bytes(make_ko([("name", kmod.module_name(rel)), *pairs]))
     xz = modules / "kernel/fs/nls/nls_utf8.ko.xz"
     xz.parent.mkdir(parents=True, exist_ok=True)
     xz.write_bytes(lzma.compress(make_ko([("depends", "")])))
@@ -248,7 +239,7 @@ def _write_module_tree(modules: Path) -> None:
 def test_write_module_index_like_depmod(tmp_path):
     _write_module_tree(tmp_path)
     write_module_index(tmp_path)
-    dep = assets.parse_modules_dep((tmp_path / "modules.dep").read_text())
+    dep = kmod.parse_modules_dep((tmp_path / "modules.dep").read_text())
     assert dep["xhci_pci"] == ("kernel/drivers/usb/host/xhci-pci.ko",
                                ("xhci_hcd", "usbcore"))  # transitive, loaded-first last
     assert dep["nls_utf8"][0] == "kernel/fs/nls/nls_utf8.ko.xz"
@@ -569,18 +560,18 @@ def test_boot_kernel_needs_readable_image_and_modules(tmp_path):
     (boot / "vmlinuz-6.1.0-9-amd64").write_bytes(b"x")
     (boot / "vmlinuz-6.1.0-10-amd64").write_bytes(b"x")
     (boot / "vmlinuz-6.1.0-11-amd64").write_bytes(b"x")  # newest, but no modules
-    assert assets._boot_kernel(boot, mods) is None
+    assert kernel._boot_kernel(boot, mods) is None
     (mods / "6.1.0-9-amd64").mkdir(parents=True)
     (mods / "6.1.0-10-amd64").mkdir(parents=True)
-    found = assets._boot_kernel(boot, mods)
+    found = kernel._boot_kernel(boot, mods)
     assert found is not None and found.version == "6.1.0-10-amd64" and found.origin == "boot"
 
 
 def test_no_apt_and_no_kernel_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("LABKIT_KERNEL", raising=False)
-    monkeypatch.setattr(assets, "_boot_kernel", lambda *a: None)
-    monkeypatch.setattr(assets.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernel, "_boot_kernel", lambda *a: None)
+    monkeypatch.setattr(kernel.shutil, "which", lambda name: None)
     with pytest.raises(SetupError) as err:
         find_kernel()
     assert "LABKIT_KERNEL" in err.value.hint
@@ -624,14 +615,14 @@ def test_download_unpacks_the_package_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("LABKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("LABKIT_KERNEL", raising=False)
-    monkeypatch.setattr(assets, "_boot_kernel", lambda *a: None)
+    monkeypatch.setattr(kernel, "_boot_kernel", lambda *a: None)
     lines: list[str] = []
     ks = find_kernel(progress=lines.append)
     assert ks.origin == "download" and ks.version == VERSION
     assert ks.path == tmp_path / "cache" / "kernels" / VERSION / "boot" / f"vmlinuz-{VERSION}"
     assert lines[0] == f"Descargando linux-image-{VERSION}…"
     assert "download" in log.read_text() and "linux-image-amd64" in log.read_text()
-    dep = assets.parse_modules_dep((ks.modules_dir / "modules.dep").read_text())
+    dep = kmod.parse_modules_dep((ks.modules_dir / "modules.dep").read_text())
     assert dep["virtio_console"][1] == ("virtio", "virtio_ring")
     again = find_kernel()
     assert again.origin == "cache" and again.path == ks.path
