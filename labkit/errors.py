@@ -6,7 +6,11 @@ Every error says, in Spanish, what happened (``message``) and what to do next
     LabkitError
      ├── InputError            bad value given by the user (size, path, name ...)
      ├── HostError             the host cannot do what was asked
-     │    └── ProbeError       a host file could not be read or made sense of
+     │    ├── ProbeError       a host file could not be read or made sense of
+     │    ├── guest.GuestError          a running guest failed (start, command timeout/failure)
+     │    ├── guest.agent.AgentError    qemu-ga did not answer
+     │    └── kvmapi.KvmError           the teaching VMM: KvmUnavailableError,
+     │                                  GuestTimeoutError, VmExitError
      ├── ToolMissingError      a program (qemu, virsh, qemu-img ...) is not installed
      └── SetupError            the course environment is incomplete
 """
