@@ -122,3 +122,10 @@ def test_agent_messages():
 def test_tsc_khz_from_bogomips():
     assert host_tsc_khz("flags\t: fpu tsc\nbogomips\t: 5192.29\n") == 2596145
     assert host_tsc_khz("Features: fp\nBogoMIPS: 50.00\n") is None  # no TSC (ARM)
+
+
+def test_kernel_and_initrd_paths_are_verbatim():
+    """QEMU reads -kernel/-initrd as plain file names: doubling a comma would break the path."""
+    boot = BootFiles(Path("/a,b/vmlinux"), Path("/a,b/initrd"))
+    argv = build_argv(GuestSpec(), "tcg", boot, RT)
+    assert _after(argv, "-kernel") == ["/a,b/vmlinux"] and _after(argv, "-initrd") == ["/a,b/initrd"]

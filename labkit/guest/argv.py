@@ -111,7 +111,8 @@ def build_argv(spec: GuestSpec, accel: str, boot: BootFiles, runtime: Runtime, *
         argv += ["-cpu", "host"]  # under TCG the default model is faster (see DESIGN.md)
     argv += ["-m", str(spec.memory), "-smp", str(spec.vcpus),
              "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-             "-kernel", qopt(boot.kernel), "-initrd", qopt(boot.initrd),
+             # -kernel/-initrd/-append take their value verbatim (not an option list): no qopt
+             "-kernel", str(boot.kernel), "-initrd", str(boot.initrd),
              "-append", kernel_cmdline(spec, accel, tsc_khz)]
     if runtime.console == "stdio":
         argv += ["-chardev", opts("stdio", id="console", signal=False)]

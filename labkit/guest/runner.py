@@ -30,7 +30,7 @@ from .agent import AgentClient, AgentError, decode_exec_status
 from .spec import GuestSpec
 
 __all__ = ["Guest", "CommandResult", "GuestError", "GuestStartError", "CommandTimeout", "CommandFailed",
-           "choose_accel", "runtime_base", "host_tsc_khz", "sweep_stale"]
+           "choose_accel", "runtime_base", "host_tsc_khz", "sweep_stale", "spawn_qemu", "terminate_qemu"]
 
 
 class GuestError(HostError):
@@ -132,7 +132,7 @@ def choose_accel(requested: str) -> tuple[str, str]:
     return report.accelerator, f"veredicto del anfitrión «{report.verdict}»: {report.reason}"
 
 
-def _spawn(argv: list[str], stderr: Any, interactive: bool) -> subprocess.Popen:
+def spawn_qemu(argv: list[str], stderr: Any, interactive: bool) -> subprocess.Popen:
     """Start QEMU so that the kernel kills it when this process dies (PR_SET_PDEATHSIG)."""
     setpriv = shutil.which("setpriv")
     wrapped = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
@@ -140,7 +140,8 @@ def _spawn(argv: list[str], stderr: Any, interactive: bool) -> subprocess.Popen:
     return subprocess.Popen(wrapped, stdin=io, stdout=io, stderr=stderr, close_fds=True)
 
 
-def _terminate(proc: subprocess.Popen | None, directory: Path | None) -> None:
+def terminate_qemu(proc: subprocess.Popen | None, directory: Path | None) -> None:
+    """SIGTERM, then SIGKILL after 3 s; then remove the runtime dir. Safe to call twice."""
     if proc is not None and proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -229,12 +230,12 @@ class Guest:
         stderr = open(directory / "qemu.stderr", "wb")
         start = time.monotonic()
         try:
-            proc = _spawn(self.argv, stderr, interactive=self._console == "stdio")
+            proc = spawn_qemu(self.argv, stderr, interactive=self._console == "stdio")
         finally:
             stderr.close()
         (directory / "qemu.pid").write_text(str(proc.pid))
         self._proc, self._runtime, self.accel = proc, runtime, accel
-        self._finalizer = weakref.finalize(self, _terminate, proc, directory)
+        self._finalizer = weakref.finalize(self, terminate_qemu, proc, directory)
         agent = AgentClient(runtime.agent)
         try:
             agent.connect(start + timeout, alive=lambda: proc.poll() is None)
