@@ -53,7 +53,21 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60.0, help="segundos para la orden")
     r.add_argument("--show-command", action="store_true", help="imprime la línea de QEMU")
     r.add_argument("guest_argv", nargs=argparse.REMAINDER, metavar="-- ORDEN", help="orden para el invitado")
+    c = sub.add_parser("cleanup", help="elimina los invitados, dominios y ficheros que dejó un fallo",
+                       description="Busca invitados de labkit (dominios libvirt «labkit-*», procesos QEMU y "
+                                   "directorios temporales) cuyo dueño ya no existe, los elimina y dice qué ha "
+                                   "eliminado.")
+    c.add_argument("--all", action="store_true", help="elimina también los invitados cuyo dueño sigue vivo")
+    c.add_argument("--uri", default="qemu:///system", help="conexión de libvirt (qemu:///system por defecto)")
     return p
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    from .cleanup import NOTHING, cleanup
+
+    lines = cleanup(everything=args.all, uri=args.uri)
+    print("\n".join(lines) if lines else NOTHING)
+    return 0
 
 
 def _guest(args: argparse.Namespace) -> int:
@@ -89,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(args)
         if args.command == "guest":
             return _guest(args)
+        if args.command == "cleanup":
+            return _cleanup(args)
     except LabkitError as err:
         print(f"labkit: {err}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
