@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -181,6 +181,8 @@ class Guest:
         self._qmp: Any = None
         self._finalizer: Any = None
         self._last_console = ""
+        self._hotplugged: dict[str, Any] = {}  # device id -> devices.disks.AttachedDisk
+        self._disk_drivers = False
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -364,6 +366,126 @@ class Guest:
         if self._runtime is not None and self._runtime.console_log.exists():
             return self._runtime.console_log.read_text(errors="replace")
         return self._last_console
+
+    # ------------------------------------------------------------ disks (hot-plug)
+    def _hotplug_bus(self) -> str:
+        if self.spec.machine == "microvm":
+            raise GuestError("Una máquina microvm no tiene bus PCI: no admite conectar discos en caliente.",
+                             "Arranca el invitado con GuestSpec(machine=\"pc\") (o q35).")
+        return "pci"
+
+    def disks(self) -> list[Any]:
+        """The virtio disks of this guest: those given at boot (spec.disks) and those hot-plugged."""
+        from ..devices.disks import AttachedDisk
+
+        boot = [AttachedDisk(Path(d.path), d.format, d.serial, node_name=f"disk{i}", device_id=f"disk{i}",
+                             readonly=d.readonly, file_node=f"disk{i}-file", hotplugged=False)
+                for i, d in enumerate(self.spec.disks)]
+        return boot + list(self._hotplugged.values())
+
+    def attach_disk(self, image: str | os.PathLike[str], *, format: str | None = None, serial: str | None = None,
+                    readonly: bool = False) -> Any:
+        """Plug a disk image into the running guest: QMP ``blockdev-add`` (file node, format node) +
+        ``device_add`` (virtio-blk-pci with a serial number). Loads virtio_blk in the guest first."""
+        from ..devices import disks as dd
+
+        bus = self._hotplug_bus()
+        path = Path(image).expanduser().resolve()
+        fmt = format or dd.info(path).format
+        serial = dd.check_serial(serial) if serial else dd.new_serial()
+        file_node, node, device = dd.hotplug_names(serial)
+        if device in self._hotplugged or any(d.serial == serial for d in self.disks()):
+            raise InputError(f"Ya hay un disco con número de serie «{serial}».", "Usa otro número de serie.")
+        if not self._disk_drivers:
+            dd.load_disk_drivers(self)
+            self._disk_drivers = True
+        messages = dd.attach_messages(path, fmt, serial, readonly=readonly, bus=bus)
+        done: list[tuple[str, dict[str, Any]]] = []
+        try:
+            for command, arguments in messages:
+                self.qmp(command, **arguments)
+                done.append((command, arguments))
+        except GuestError as err:
+            for command, arguments in reversed(done):  # undo what was added
+                try:
+                    if command == "blockdev-add":
+                        self.qmp("blockdev-del", **{"node-name": arguments["node-name"]})
+                except GuestError:
+                    pass
+            if "lock" in err.message:
+                raise dd.DiskInUseError(f"No se pudo conectar «{path.name}»: otra máquina la tiene abierta "
+                                        f"(QEMU bloquea la imagen). {err.message}",
+                                        "Desconéctala de la otra máquina, o conéctala con readonly=True en ambas.") from err
+            raise
+        target = dd.next_target(d.target or "" for d in self.disks())
+        disk = dd.AttachedDisk(path, fmt, serial, node_name=node, device_id=device, readonly=readonly,
+                               backend=self.backend, file_node=file_node, target=target,
+                               commands=tuple(dd.qmp_text(c, a) for c, a in messages),
+                               virsh=dd.virsh_attach_line(self.spec.name, path, target, serial=serial, fmt=fmt,
+                                                          readonly=readonly))
+        self._hotplugged[device] = disk
+        return disk
+
+    def _device_present(self, device: str) -> bool:
+        return any(child.get("name") == device for child in self.qmp("qom-list", path="/machine/peripheral"))
+
+    def detach_disk(self, disk: Any, *, timeout: float = 15.0, force: bool = False) -> Any:
+        """Unplug a hot-plugged disk: ``device_del`` (the guest's kernel must release it: we wait until
+        the device is gone), then ``blockdev-del`` of both nodes. Refuses a disk mounted in the guest
+        (its data may not be written yet) unless ``force=True``. Returns the disk with the commands used."""
+        from ..devices import disks as dd
+
+        if disk.device_id not in self._hotplugged:
+            raise InputError(f"El disco «{disk.serial}» no está conectado en caliente a este invitado.",
+                             "Mira guest.disks(); los discos del arranque no se desconectan así.")
+        if not force and self._agent is not None:
+            for dev in dd.guest_block_devices(self):
+                if dev.serial == disk.serial and dev.mountpoint:
+                    raise GuestError(f"El disco «{disk.serial}» está montado en {dev.mountpoint} dentro del invitado.",
+                                     f"Desmóntalo antes: g.run(\"umount {dev.mountpoint}\"). Quitarlo montado "
+                                     "puede perder datos (force=True lo quita igualmente).")
+        messages = dd.detach_messages(disk)
+        command, arguments = messages[0]
+        self.qmp(command, **arguments)
+        deadline = time.monotonic() + timeout
+        while self._device_present(disk.device_id):
+            if time.monotonic() > deadline:
+                raise GuestError(f"El invitado no soltó el disco «{disk.serial}» en {timeout:g} s.",
+                                 "device_del necesita la colaboración del invitado (ACPI): mira dmesg en el "
+                                 "invitado; el disco se quitará cuando lo suelte.")
+            time.sleep(0.02)
+        for command, arguments in messages[1:]:
+            while True:  # the device's block backend lets go of the node a moment after the device goes
+                try:
+                    self.qmp(command, **arguments)
+                    break
+                except GuestError as err:
+                    if "in use" not in err.message or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        del self._hotplugged[disk.device_id]
+        target = disk.target or "vdX"
+        return replace(disk, commands=tuple(dd.qmp_text(c, a) for c, a in messages),
+                       virsh=dd.virsh_detach_line(self.spec.name, target))
+
+    def resize_disk(self, disk: Any, size: int | str) -> Any:
+        """Grow a disk while the guest runs (QMP ``block_resize``; ``qemu-img resize`` cannot: the image
+        is locked). The guest's virtio-blk driver sees the new capacity at once. Shrinking is refused."""
+        from ..devices import disks as dd
+
+        new = dd.parse_size(size)
+        node = disk.node_name
+        current = next((n["image"]["virtual-size"] for n in self.qmp("query-named-block-nodes", flat=True)
+                        if n.get("node-name") == node), None)
+        if current is None:
+            raise InputError(f"El disco «{disk.serial}» no está conectado a este invitado.", "Mira guest.disks().")
+        if new < current:
+            raise InputError(f"{dd.format_size(new)} es menos que el tamaño actual ({dd.format_size(current)}): "
+                             "reducir un disco en uso borraría datos.", "Indica un tamaño mayor.")
+        command, arguments = dd.resize_message(disk, new)
+        self.qmp(command, **arguments)
+        return dd.ResizeResult(disk, current, new, (dd.qmp_text(command, arguments),),
+                               dd.virsh_resize_line(self.spec.name, disk.target or "vdX", new))
 
     def command_line(self) -> str:
         """The exact QEMU argv, shell-quoted, for display."""
