@@ -194,3 +194,28 @@ def test_unreachable_reason_walks_the_directories(tmp_path):
         assert unreachable_reason(base / "f", nobody) is None
     finally:
         shutil.rmtree(base)
+
+
+def test_hotplug_disk_xml_round_trips_and_validates(tmp_path):
+    from labkit.guest.domxml import disk_xml, parse_disks
+
+    element = disk_xml("/var/lib/libvirt/images/a,b.qcow2", "qcow2", "vdb", serial="LK1", readonly=True)
+    assert element.startswith('<disk type="file" device="disk">') and "<serial>LK1</serial>" in element
+    # the same element inside a domain passes libvirt's schema, and parses back
+    domain = ET.fromstring(domain_xml(GuestSpec(name="h", machine="q35"), "tcg", BOOT, RT))
+    domain.find("devices").append(ET.fromstring(element))
+    xml = ET.tostring(domain, encoding="unicode")
+    validate(xml, tmp_path)
+    (disk,) = parse_disks(xml)
+    assert (disk.target, disk.source, disk.format, disk.serial, disk.readonly) == (
+        "vdb", "/var/lib/libvirt/images/a,b.qcow2", "qcow2", "LK1", True)
+
+
+def test_q35_gets_free_root_ports_for_hotplug():
+    from labkit.guest.domxml import HOTPLUG_PORTS
+
+    domain = ET.fromstring(domain_xml(GuestSpec(name="q", machine="q35"), "tcg", BOOT, RT))
+    models = [c.get("model") for c in domain.iter("controller") if c.get("type") == "pci"]
+    assert models == ["pcie-root"] + ["pcie-root-port"] * HOTPLUG_PORTS
+    pc = ET.fromstring(domain_xml(GuestSpec(name="p", machine="pc"), "tcg", BOOT, RT))
+    assert not [c for c in pc.iter("controller") if c.get("type") == "pci"]

@@ -588,6 +588,17 @@ def find_by_serial(guest: _Runs, serial: str, *, timeout: float = 15.0) -> Guest
         time.sleep(0.1)
 
 
+def ensure_not_mounted(guest: _Runs, disk: AttachedDisk) -> None:
+    """Refuse to unplug a disk that the guest still has mounted (its data may not be written yet)."""
+    from ..guest.runner import GuestError
+
+    for dev in guest_block_devices(guest):
+        if dev.serial == disk.serial and dev.mountpoint:
+            raise GuestError(f"El disco «{disk.serial}» está montado en {dev.mountpoint} dentro del invitado.",
+                            f"Desmóntalo antes: g.run(\"umount {dev.mountpoint}\"). Quitarlo montado "
+                            "puede perder datos (force=True lo quita igualmente).")
+
+
 def block_table(devices: Sequence[GuestBlockDevice]) -> str:
     """An ``lsblk``-like plain-text table (Spanish headings)."""
     rows = [("NOMBRE", "SERIE", "TAMAÑO", "RO", "SIST. FICH.", "MONTADO EN")]

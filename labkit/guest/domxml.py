@@ -36,12 +36,19 @@ __all__ = [
     "METADATA_PREFIX",
     "LibvirtRuntime",
     "Owner",
+    "DomainDisk",
+    "disk_element",
     "disk_target",
+    "disk_xml",
     "domain_tree",
     "domain_xml",
     "libvirt_machine",
+    "parse_disks",
     "parse_owner",
 ]
+
+#: Free PCIe root ports a q35 domain gets, so that disks can be hot-plugged (one each).
+HOTPLUG_PORTS = 4
 
 #: The namespace of labkit's own element in ``<metadata>`` (who started the domain).
 METADATA_NS = "https://labkit.invalid/xmlns/libvirt/owner/1"
@@ -112,6 +119,49 @@ def _channel(devices: ET.Element, path: Path, name: str) -> None:
     _sub(channel, "target", type="virtio", name=name)
 
 
+def disk_element(image: str | Path, fmt: str, target: str, *, serial: str | None = None,
+                 readonly: bool = False) -> ET.Element:
+    """A virtio ``<disk>``: the same element at boot and for ``attachDeviceFlags`` (virsh attach-device)."""
+    element = ET.Element("disk", {"type": "file", "device": "disk"})
+    _sub(element, "driver", name="qemu", type=fmt)
+    _sub(element, "source", file=str(image))
+    _sub(element, "target", dev=target, bus="virtio")
+    if serial:
+        _sub(element, "serial", serial)
+    if readonly:
+        _sub(element, "readonly")
+    return element
+
+
+def disk_xml(image: str | Path, fmt: str, target: str, *, serial: str | None = None, readonly: bool = False) -> str:
+    return ET.tostring(disk_element(image, fmt, target, serial=serial, readonly=readonly), encoding="unicode")
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    """A file-backed disk as a domain's XML lists it."""
+
+    target: str
+    source: str
+    format: str
+    serial: str
+    readonly: bool
+
+
+def parse_disks(xml: str) -> list[DomainDisk]:
+    """The file-backed disks of a domain XML (e.g. ``virDomainGetXMLDesc`` of a running guest)."""
+    found = []
+    for disk in ET.fromstring(xml).iter("disk"):
+        source, target = disk.find("source"), disk.find("target")
+        if source is None or target is None or source.get("file") is None:
+            continue
+        driver = disk.find("driver")
+        found.append(DomainDisk(target.get("dev", ""), source.get("file", ""),
+                                driver.get("type", "raw") if driver is not None else "raw",
+                                (disk.findtext("serial") or "").strip(), disk.find("readonly") is not None))
+    return found
+
+
 def domain_tree(spec: GuestSpec, accel: str, boot: BootFiles, runtime: LibvirtRuntime, *,
                 tsc_khz: int | None = None, owner: Owner | None = None, emulator: str | None = None) -> ET.Element:
     """The domain as an ElementTree element (see :func:`domain_xml`)."""
@@ -146,14 +196,12 @@ def domain_tree(spec: GuestSpec, accel: str, boot: BootFiles, runtime: LibvirtRu
     if emulator:
         _sub(devices, "emulator", emulator)
     for i, disk in enumerate(spec.disks):
-        element = _sub(devices, "disk", type="file", device="disk")
-        _sub(element, "driver", name="qemu", type=disk.format)
-        _sub(element, "source", file=str(disk.path))
-        _sub(element, "target", dev=disk_target(i), bus="virtio")
-        if disk.serial:
-            _sub(element, "serial", disk.serial)
-        if disk.readonly:
-            _sub(element, "readonly")
+        devices.append(disk_element(disk.path, disk.format, disk_target(i), serial=disk.serial or None,
+                                    readonly=disk.readonly))
+    if machine == "q35":  # PCIe devices hot-plug into root ports: leave a few free for attach-disk
+        _sub(devices, "controller", type="pci", index="0", model="pcie-root")
+        for i in range(1, HOTPLUG_PORTS + 1):
+            _sub(devices, "controller", type="pci", index=str(i), model="pcie-root-port")
     _sub(devices, "controller", type="usb", model="none")  # = -nodefaults
     _sub(devices, "controller", type="virtio-serial", index="0")
     serial = _sub(devices, "serial", type="file")

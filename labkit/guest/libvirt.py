@@ -39,11 +39,12 @@ import tempfile
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlparse
 
-from ..errors import SetupError
+from ..errors import InputError, SetupError
 from . import argv as qargv
 from . import domxml
 from .agent import AgentError
@@ -383,6 +384,8 @@ class LibvirtGuest:
         self._agent: _LibvirtAgent | None = None
         self._finalizer: Any = None
         self._last_console = ""
+        self._hotplugged: dict[str, Any] = {}  # target (vdb ...) -> devices.disks.AttachedDisk
+        self._disk_drivers = False
 
     # ------------------------------------------------------------ state
     @property
@@ -450,13 +453,13 @@ class LibvirtGuest:
             staged.append(dest)
         return qargv.BootFiles(staged[0], staged[1])
 
-    def _check_files(self, boot: qargv.BootFiles) -> None:
+    def _check_access(self, files: Sequence[Path] = (), images: Sequence[Path] = ()) -> None:
         user = qemu_user() if _is_system(self.uri) else None
         if user is None:
             return
-        problems = [r for r in (unreachable_reason(boot.kernel, user), unreachable_reason(boot.initrd, user)) if r]
+        problems = [r for f in files if (r := unreachable_reason(f, user))]
         # libvirt relabels disk images for its user (dynamic ownership): only the directories must be passable
-        problems += [r for d in self.spec.disks if (r := unreachable_reason(Path(d.path), user, need_read=False))]
+        problems += [r for i in images if (r := unreachable_reason(i, user, need_read=False))]
         if problems:
             raise FileAccessError(
                 f"libvirt ejecuta QEMU como «{user.pw_name}», que no puede abrir lo que necesita el invitado:\n  "
@@ -507,7 +510,7 @@ class LibvirtGuest:
                                   "Usa otro nombre (GuestSpec(name=...)) o elimínalo con «labkit cleanup» "
                                   f"(o virsh destroy {self.name}).")
         boot = self._stage(self._boot_files())
-        self._check_files(boot)
+        self._check_access([boot.kernel, boot.initrd], [Path(d.path) for d in self.spec.disks])
         accel, self.accel_reason = choose_accel(self.spec.accel)
         directory = self._make_runtime()
         (directory / "owner.pid").write_text(str(os.getpid()))
@@ -636,6 +639,96 @@ class LibvirtGuest:
         if arguments:
             msg["arguments"] = arguments
         return json.dumps(msg)
+
+    # ------------------------------------------------------------ disks (virsh attach-disk --live ...)
+    def disks(self) -> list[Any]:
+        """The file-backed virtio disks of the running domain, read from its live XML."""
+        from ..devices.disks import AttachedDisk
+
+        if not self.running:
+            raise GuestError("El invitado no está en marcha.", "Arráncalo con start() o con «with LibvirtGuest(...)».")
+        return [self._hotplugged.get(d.target) or
+                AttachedDisk(Path(d.source), d.format, d.serial, readonly=d.readonly, target=d.target,
+                             backend=self.backend, hotplugged=False)
+                for d in domxml.parse_disks(self._dom.XMLDesc(0))]
+
+    def attach_disk(self, image: str | os.PathLike[str], *, format: str | None = None, serial: str | None = None,
+                    readonly: bool = False) -> Any:
+        """Plug a disk into the running domain: ``attachDeviceFlags(<disk>, VIR_DOMAIN_AFFECT_LIVE)``,
+        what ``virsh attach-disk --live`` does (not ``--config``: a transient domain has no definition)."""
+        from ..devices import disks as dd
+
+        libvirt = _libvirt()
+        path = Path(image).expanduser().resolve()
+        self._check_access(images=[path])
+        fmt = format or dd.info(path).format
+        serial = dd.check_serial(serial) if serial else dd.new_serial()
+        current = self.disks()
+        if any(d.serial == serial for d in current):
+            raise InputError(f"Ya hay un disco con número de serie «{serial}».", "Usa otro número de serie.")
+        if not self._disk_drivers:
+            dd.load_disk_drivers(self)
+            self._disk_drivers = True
+        target = dd.next_target(d.target or "" for d in current)
+        xml = domxml.disk_xml(path, fmt, target, serial=serial, readonly=readonly)
+        try:
+            self._dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            message = err.get_error_message()
+            if "lock" in message:
+                raise dd.DiskInUseError(f"No se pudo conectar «{path.name}»: otra máquina la tiene abierta. {message}",
+                                        "Desconéctala de la otra máquina, o conéctala con readonly=True.") from err
+            raise GuestError(f"libvirt no pudo conectar «{path.name}»: {message}",
+                             "Mira libvirt_log() y el formato de la imagen (qemu-img info).") from err
+        line = dd.virsh_attach_line(self.name, path, target, serial=serial, fmt=fmt, readonly=readonly)
+        disk = dd.AttachedDisk(path, fmt, serial, readonly=readonly, target=target, backend=self.backend,
+                               commands=(line, f"attachDeviceFlags({xml}, VIR_DOMAIN_AFFECT_LIVE)"), virsh=line)
+        self._hotplugged[target] = disk
+        return disk
+
+    def detach_disk(self, disk: Any, *, timeout: float = 15.0, force: bool = False) -> Any:
+        """Unplug a hot-plugged disk (``virsh detach-disk --live``): libvirt asks the guest to let go
+        and we wait until the disk leaves the live XML. Refuses a disk mounted in the guest unless ``force``."""
+        from ..devices import disks as dd
+
+        libvirt = _libvirt()
+        if disk.target not in self._hotplugged:
+            raise InputError(f"El disco «{disk.serial}» no está conectado en caliente a este invitado.",
+                             "Mira guest.disks(); los discos del arranque no se desconectan así.")
+        if not force:
+            dd.ensure_not_mounted(self, disk)
+        xml = domxml.disk_xml(disk.image, disk.format, disk.target, serial=disk.serial, readonly=disk.readonly)
+        try:
+            self._dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            raise GuestError(f"libvirt no pudo desconectar «{disk.serial}»: {err.get_error_message()}",
+                             "Mira libvirt_log().") from err
+        deadline = time.monotonic() + timeout
+        while any(d.target == disk.target for d in domxml.parse_disks(self._dom.XMLDesc(0))):
+            if time.monotonic() > deadline:
+                raise GuestError(f"El invitado no soltó el disco «{disk.serial}» en {timeout:g} s.",
+                                 "La desconexión necesita la colaboración del invitado (ACPI): mira dmesg.")
+            time.sleep(0.02)
+        del self._hotplugged[disk.target]
+        line = dd.virsh_detach_line(self.name, disk.target)
+        return replace(disk, commands=(line, f"detachDeviceFlags({xml}, VIR_DOMAIN_AFFECT_LIVE)"), virsh=line)
+
+    def resize_disk(self, disk: Any, size: int | str) -> Any:
+        """Grow a disk while the guest runs: ``blockResize`` = ``virsh blockresize``. Shrinking is refused."""
+        from ..devices import disks as dd
+
+        libvirt = _libvirt()
+        new = dd.parse_size(size)
+        try:
+            current = self._dom.blockInfo(disk.target)[0]
+        except libvirt.libvirtError as err:
+            raise InputError(f"El disco «{disk.serial}» no está conectado a este invitado.", "Mira guest.disks().") from err
+        if new < current:
+            raise InputError(f"{dd.format_size(new)} es menos que el tamaño actual ({dd.format_size(current)}): "
+                             "reducir un disco en uso borraría datos.", "Indica un tamaño mayor.")
+        self._dom.blockResize(disk.target, new, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        line = dd.virsh_resize_line(self.name, disk.target, new)
+        return dd.ResizeResult(disk, current, new, (line,), line)
 
     def console_log(self) -> str:
         """Everything the guest kernel and init printed on the serial console."""

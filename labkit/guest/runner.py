@@ -439,11 +439,7 @@ class Guest:
             raise InputError(f"El disco «{disk.serial}» no está conectado en caliente a este invitado.",
                              "Mira guest.disks(); los discos del arranque no se desconectan así.")
         if not force and self._agent is not None:
-            for dev in dd.guest_block_devices(self):
-                if dev.serial == disk.serial and dev.mountpoint:
-                    raise GuestError(f"El disco «{disk.serial}» está montado en {dev.mountpoint} dentro del invitado.",
-                                     f"Desmóntalo antes: g.run(\"umount {dev.mountpoint}\"). Quitarlo montado "
-                                     "puede perder datos (force=True lo quita igualmente).")
+            dd.ensure_not_mounted(self, disk)
         messages = dd.detach_messages(disk)
         command, arguments = messages[0]
         self.qmp(command, **arguments)
