@@ -2,7 +2,7 @@
 
 from .argv import build_argv, kernel_cmdline, qopt
 from .runner import CommandFailed, CommandResult, CommandTimeout, Guest, GuestError, GuestStartError
-from .spec import ChannelSpec, DiskSpec, GuestSpec
+from .spec import ChannelSpec, DiskSpec, GuestSpec, ShareSpec, UsbSpec
 
 
 def __getattr__(name: str):  # LibvirtGuest loads libvirt only when asked for
@@ -19,6 +19,8 @@ __all__ = [
     "GuestSpec",
     "DiskSpec",
     "ChannelSpec",
+    "ShareSpec",
+    "UsbSpec",
     "CommandResult",
     "GuestError",
     "GuestStartError",

@@ -12,9 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .spec import AGENT_PORT, GuestSpec
+from .spec import AGENT_PORT, VDAGENT_PORT, GuestSpec, ShareSpec, UsbSpec, has_usb, needs_shared_memory
 
-__all__ = ["BootFiles", "Runtime", "qopt", "opts", "build_argv", "kernel_cmdline", "shell_line", "QEMU"]
+__all__ = ["BootFiles", "Runtime", "qopt", "opts", "build_argv", "kernel_cmdline", "shell_line", "QEMU",
+           "share_args", "usb_device_args", "usb_device_props", "shared_memory_args", "VIRTIOFSD", "XHCI_ID"]
+
+#: The virtiofs daemon that ships with QEMU 7.2 on Debian 12 (the C one; later: the Rust virtiofsd).
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+#: The id of the xHCI controller (its bus is ``xhci.0``).
+XHCI_ID = "xhci"
 
 QEMU = "qemu-system-x86_64"
 
@@ -73,6 +79,13 @@ class Runtime:
     def channel(self, name: str) -> Path:
         return self.directory / f"chan-{name}.sock"
 
+    @property
+    def vnc(self) -> Path:
+        return self.directory / "vnc.sock"
+
+    def virtiofs(self, tag: str) -> Path:
+        return self.directory / f"vfs-{tag}.sock"
+
 
 def kernel_cmdline(spec: GuestSpec, accel: str, tsc_khz: int | None = None) -> str:
     """The guest kernel's command line: quiet, fast under TCG, and the user's extra options last."""
@@ -127,6 +140,10 @@ def build_argv(spec: GuestSpec, accel: str, boot: BootFiles, runtime: Runtime, *
     for cid, name, path in ports:
         argv += ["-chardev", opts("socket", id=cid, path=path, server=True, wait=False),
                  "-device", opts("virtserialport", bus="vser0.0", chardev=cid, name=name)]
+    if spec.vdagent:
+        argv += vdagent_args("vser0.0")
+    if spec.vnc:
+        argv += ["-vnc", "unix:" + qopt(runtime.vnc)]  # a local socket only, never TCP
     for i, disk in enumerate(spec.disks):
         node = f"disk{i}"
         argv += ["-blockdev", opts("", driver="file", filename=disk.path, node_name=f"{node}-file",
@@ -134,7 +151,79 @@ def build_argv(spec: GuestSpec, accel: str, boot: BootFiles, runtime: Runtime, *
                  "-blockdev", opts("", driver=disk.format, file=f"{node}-file", node_name=node,
                                    read_only=disk.readonly),
                  "-device", opts(f"virtio-blk-{bus}", drive=node, id=node, serial=disk.serial or None)]
+    if needs_shared_memory(spec):
+        if spec.machine == "microvm":
+            argv[argv.index("-machine") + 1] += ",memory-backend=mem"
+        argv += shared_memory_args(spec)
+    for i, share in enumerate(spec.shares):
+        argv += share_args(share, i, bus, runtime)
+    if has_usb(spec):
+        argv += ["-device", opts("qemu-xhci", id=XHCI_ID)]
+        for i, usb in enumerate(spec.usb):
+            argv += usb_device_args(usb, i)
     return argv
+
+
+def shared_memory_args(spec: GuestSpec) -> list[str]:
+    """Guest RAM as a shared memfd (virtiofsd maps it): ``-object memory-backend-memfd,share=on`` and
+    ``-numa node,memdev=mem`` (microvm has no NUMA: ``-machine memory-backend=mem`` is added instead)."""
+    argv = ["-object", opts("memory-backend-memfd", id="mem", size=f"{spec.memory}M", share=True)]
+    if spec.machine != "microvm":
+        argv += ["-numa", opts("node", memdev="mem")]
+    return argv
+
+
+def share_args(share: ShareSpec, index: int, bus: str, runtime: Runtime | None) -> list[str]:
+    """One shared folder: ``-fsdev local`` + ``virtio-9p`` or a vhost-user socket + ``vhost-user-fs``."""
+    if share.kind == "9p":
+        # -fsdev and virtio-9p spell their options with "_" (security_model, mount_tag): no opts() renaming
+        fsdev = f"local,id=fs{index},path={qopt(share.path)},security_model={share.security_model}"
+        if share.readonly:
+            fsdev += ",readonly=on"
+        return ["-fsdev", fsdev,
+                "-device", f"virtio-9p-{bus},id=share{index},fsdev=fs{index},mount_tag={qopt(share.tag)}"]
+    path = runtime.virtiofs(share.tag) if runtime is not None else Path(f"/run/vfs-{share.tag}.sock")
+    return ["-chardev", opts("socket", id=f"vfs{index}", path=path),
+            "-device", opts(f"vhost-user-fs-{bus}", id=f"share{index}", chardev=f"vfs{index}", tag=share.tag)]
+
+
+def usb_device_props(usb: UsbSpec, index: int, *, bus: str = f"{XHCI_ID}.0") -> dict[str, object]:
+    """The ``device_add`` / ``-device`` properties of one USB device (the storage's drive node is
+    ``usbdisk{index}``)."""
+    ident = f"usb{index}"
+    if usb.kind == "storage":
+        return {"driver": "usb-storage", "id": ident, "bus": bus, "drive": f"usbdisk{index}",
+                "serial": usb.serial or None, "removable": True}
+    if usb.kind == "host":
+        props: dict[str, object] = {"driver": "usb-host", "id": ident, "bus": bus}
+        if usb.hostbus is not None and usb.hostaddr is not None:
+            props.update(hostbus=usb.hostbus, hostaddr=usb.hostaddr)
+        else:
+            props.update(vendorid=f"0x{usb.vendorid:04x}", productid=f"0x{usb.productid:04x}")
+        return props
+    return {"driver": {"keyboard": "usb-kbd", "tablet": "usb-tablet", "mouse": "usb-mouse"}[usb.kind],
+            "id": ident, "bus": bus}
+
+
+def usb_device_args(usb: UsbSpec, index: int) -> list[str]:
+    """``-blockdev`` (storage only) and ``-device`` for one USB device on the xHCI bus."""
+    argv: list[str] = []
+    if usb.kind == "storage":
+        fmt = "qcow2" if str(usb.image).endswith(".qcow2") else "raw"
+        argv += ["-blockdev", opts("", driver="file", filename=usb.image, node_name=f"usbdisk{index}-file",
+                                   read_only=usb.readonly),
+                 "-blockdev", opts("", driver=fmt, file=f"usbdisk{index}-file", node_name=f"usbdisk{index}",
+                                   read_only=usb.readonly)]
+    props = usb_device_props(usb, index)
+    driver = str(props.pop("driver"))
+    argv += ["-device", opts(driver, **props)]
+    return argv
+
+
+def vdagent_args(bus: str = "vser0.0", *, clipboard: bool = True, mouse: bool = False) -> list[str]:
+    """QEMU's own VD-Agent (no SPICE client needed) on the port spice-vdagent opens."""
+    return ["-chardev", opts("qemu-vdagent", id="vdagent", name="vdagent", clipboard=clipboard, mouse=mouse),
+            "-device", opts("virtserialport", bus=bus, chardev="vdagent", name=VDAGENT_PORT)]
 
 
 def shell_line(argv: list[str]) -> str:

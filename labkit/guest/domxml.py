@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .argv import BootFiles, kernel_cmdline
-from .spec import AGENT_PORT, GuestSpec
+from .spec import AGENT_PORT, VDAGENT_PORT, GuestSpec, ShareSpec, UsbSpec, has_usb, needs_shared_memory
 
 __all__ = [
     "METADATA_NS",
@@ -38,8 +38,15 @@ __all__ = [
     "Owner",
     "DomainDisk",
     "disk_element",
+    "filesystem_element",
+    "filesystem_xml",
+    "usb_element",
+    "usb_xml",
+    "usb_hostdev_xml",
+    "ACCESS_MODES",
     "disk_target",
     "disk_xml",
+    "vdagent_channel",
     "domain_tree",
     "domain_xml",
     "libvirt_machine",
@@ -75,6 +82,10 @@ class LibvirtRuntime:
 
     def channel(self, name: str) -> Path:
         return self.directory / f"chan-{name}.sock"
+
+    @property
+    def vnc(self) -> Path:
+        return self.directory / "vnc.sock"
 
 
 @dataclass(frozen=True)
@@ -119,6 +130,16 @@ def _channel(devices: ET.Element, path: Path, name: str) -> None:
     _sub(channel, "target", type="virtio", name=name)
 
 
+def vdagent_channel(devices: ET.Element, *, clipboard: bool = True, mouse: bool = False) -> ET.Element:
+    """QEMU's qemu-vdagent chardev as libvirt writes it (libvirt >= 8.4): ``-chardev qemu-vdagent``."""
+    channel = _sub(devices, "channel", type="qemu-vdagent")
+    source = _sub(channel, "source")
+    _sub(source, "clipboard", copypaste="yes" if clipboard else "no")
+    _sub(source, "mouse", mode="client" if mouse else "server")
+    _sub(channel, "target", type="virtio", name=VDAGENT_PORT)
+    return channel
+
+
 def disk_element(image: str | Path, fmt: str, target: str, *, serial: str | None = None,
                  readonly: bool = False) -> ET.Element:
     """A virtio ``<disk>``: the same element at boot and for ``attachDeviceFlags`` (virsh attach-device)."""
@@ -131,6 +152,84 @@ def disk_element(image: str | Path, fmt: str, target: str, *, serial: str | None
     if readonly:
         _sub(element, "readonly")
     return element
+
+
+#: 9p security model -> libvirt ``accessmode`` (libvirt has no mapped-file).
+ACCESS_MODES = {"mapped-xattr": "mapped", "passthrough": "passthrough", "none": "squash"}
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+
+
+def filesystem_element(share: ShareSpec, *, virtiofsd: str | None = VIRTIOFSD) -> ET.Element:
+    """``<filesystem type='mount'>``: 9p (``<driver type='path'>`` + accessmode) or virtiofs
+    (``<driver type='virtiofs'>``, accessmode passthrough, libvirt starts virtiofsd as root)."""
+    if share.kind == "9p":
+        if share.security_model not in ACCESS_MODES:
+            raise InputError(f"libvirt no ofrece el modelo 9p «{share.security_model}».",
+                             "Usa «mapped-xattr» (accessmode='mapped'), «passthrough» o «none» (squash).")
+        element = ET.Element("filesystem", {"type": "mount", "accessmode": ACCESS_MODES[share.security_model]})
+        _sub(element, "driver", type="path")
+    else:
+        element = ET.Element("filesystem", {"type": "mount", "accessmode": "passthrough"})
+        _sub(element, "driver", type="virtiofs", queue="1024")
+        if virtiofsd:
+            _sub(element, "binary", path=virtiofsd)
+    _sub(element, "source", dir=str(share.path))
+    _sub(element, "target", dir=share.tag)
+    if share.readonly:
+        _sub(element, "readonly")
+    return element
+
+
+def filesystem_xml(share: ShareSpec, *, virtiofsd: str | None = VIRTIOFSD) -> str:
+    return ET.tostring(filesystem_element(share, virtiofsd=virtiofsd), encoding="unicode")
+
+
+def usb_element(usb: UsbSpec, index: int) -> ET.Element:
+    """One USB device for libvirt: a ``<disk bus='usb'>`` (storage), an ``<input bus='usb'>``
+    (keyboard, tablet, mouse) or a ``<hostdev mode='subsystem' type='usb'>`` (a real device)."""
+    if usb.kind == "storage":
+        fmt = "qcow2" if str(usb.image).endswith(".qcow2") else "raw"
+        element = ET.Element("disk", {"type": "file", "device": "disk"})
+        _sub(element, "driver", name="qemu", type=fmt)
+        _sub(element, "source", file=str(usb.image))
+        _sub(element, "target", dev=usb_target(index), bus="usb", removable="on")
+        if usb.serial:
+            _sub(element, "serial", usb.serial)
+        if usb.readonly:
+            _sub(element, "readonly")
+        _sub(element, "alias", name=f"ua-usb{index}")
+        return element
+    if usb.kind == "host":
+        return usb_hostdev_element(usb)
+    element = ET.Element("input", {"type": {"keyboard": "keyboard", "tablet": "tablet", "mouse": "mouse"}[usb.kind],
+                                   "bus": "usb"})
+    _sub(element, "alias", name=f"ua-usb{index}")
+    return element
+
+
+def usb_target(index: int) -> str:
+    """sda, sdb ...: libvirt's name for a USB disk (the guest names it in its own order)."""
+    return "s" + disk_target(index)[1:]
+
+
+def usb_xml(usb: UsbSpec, index: int) -> str:
+    return ET.tostring(usb_element(usb, index), encoding="unicode")
+
+
+def usb_hostdev_element(usb: UsbSpec) -> ET.Element:
+    """``<hostdev mode='subsystem' type='usb'>`` by vendor/product id (and bus/device when given)."""
+    element = ET.Element("hostdev", {"mode": "subsystem", "type": "usb", "managed": "yes"})
+    source = _sub(element, "source")
+    if usb.vendorid is not None and usb.productid is not None:
+        _sub(source, "vendor", id=f"0x{usb.vendorid:04x}")
+        _sub(source, "product", id=f"0x{usb.productid:04x}")
+    if usb.hostbus is not None and usb.hostaddr is not None:
+        _sub(source, "address", bus=str(usb.hostbus), device=str(usb.hostaddr))
+    return element
+
+
+def usb_hostdev_xml(usb: UsbSpec) -> str:
+    return ET.tostring(usb_hostdev_element(usb), encoding="unicode")
 
 
 def disk_xml(image: str | Path, fmt: str, target: str, *, serial: str | None = None, readonly: bool = False) -> str:
@@ -176,6 +275,10 @@ def domain_tree(spec: GuestSpec, accel: str, boot: BootFiles, runtime: LibvirtRu
         ET.SubElement(metadata, f"{{{METADATA_NS}}}owner",
                       {"pid": str(owner.pid), "start": str(owner.start_time), "runtime": owner.runtime})
     _sub(domain, "memory", str(spec.memory), unit="MiB")
+    if needs_shared_memory(spec):  # virtiofs: virtiofsd maps the guest RAM
+        backing = _sub(domain, "memoryBacking")
+        _sub(backing, "source", type="memfd")
+        _sub(backing, "access", mode="shared")
     _sub(domain, "vcpu", str(spec.vcpus))
     os_ = _sub(domain, "os")
     _sub(os_, "type", "hvm", arch="x86_64", machine=machine)
@@ -202,7 +305,14 @@ def domain_tree(spec: GuestSpec, accel: str, boot: BootFiles, runtime: LibvirtRu
         _sub(devices, "controller", type="pci", index="0", model="pcie-root")
         for i in range(1, HOTPLUG_PORTS + 1):
             _sub(devices, "controller", type="pci", index=str(i), model="pcie-root-port")
-    _sub(devices, "controller", type="usb", model="none")  # = -nodefaults
+    for share in spec.shares:
+        devices.append(filesystem_element(share))
+    if has_usb(spec):
+        _sub(devices, "controller", type="usb", index="0", model="qemu-xhci")
+        for i, usb in enumerate(spec.usb):
+            devices.append(usb_element(usb, i))
+    else:
+        _sub(devices, "controller", type="usb", model="none")  # = -nodefaults
     _sub(devices, "controller", type="virtio-serial", index="0")
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=str(runtime.console_log))
@@ -210,6 +320,10 @@ def domain_tree(spec: GuestSpec, accel: str, boot: BootFiles, runtime: LibvirtRu
     _channel(devices, runtime.agent, AGENT_PORT)
     for channel in spec.channels:
         _channel(devices, runtime.channel(channel.name), channel.name)
+    if spec.vdagent:
+        vdagent_channel(devices)
+    if spec.vnc:  # a unix socket only, never TCP
+        _sub(devices, "graphics", type="vnc", socket=str(runtime.vnc))
     _sub(devices, "memballoon", model="none")  # = -nodefaults
     return domain
 

@@ -386,6 +386,9 @@ class LibvirtGuest:
         self._last_console = ""
         self._hotplugged: dict[str, Any] = {}  # target (vdb ...) -> devices.disks.AttachedDisk
         self._disk_drivers = False
+        self._shares: dict[str, Any] = {}  # tag -> ShareSpec
+        self._usb: dict[str, Any] = {}  # alias -> devices.usb.AttachedUsb
+        self._usb_drivers = False
 
     # ------------------------------------------------------------ state
     @property
@@ -510,7 +513,9 @@ class LibvirtGuest:
                                   "Usa otro nombre (GuestSpec(name=...)) o elimínalo con «labkit cleanup» "
                                   f"(o virsh destroy {self.name}).")
         boot = self._stage(self._boot_files())
-        self._check_access([boot.kernel, boot.initrd], [Path(d.path) for d in self.spec.disks])
+        self._check_access([boot.kernel, boot.initrd], [Path(d.path) for d in self.spec.disks]
+                           + [Path(u.image) for u in self.spec.usb if u.kind == "storage"])
+        self._shares = {share.tag: self._check_share(share) for share in self.spec.shares}
         accel, self.accel_reason = choose_accel(self.spec.accel)
         directory = self._make_runtime()
         (directory / "owner.pid").write_text(str(os.getpid()))
@@ -639,6 +644,153 @@ class LibvirtGuest:
         if arguments:
             msg["arguments"] = arguments
         return json.dumps(msg)
+
+    # ------------------------------------------------------------ shared folders
+    def _check_share(self, share: Any) -> Any:
+        """Path safety, then (9p) whether libvirt's QEMU user can use the directory."""
+        from ..devices import shares as sh
+
+        sh.check_share_path(share.path, allow_home=share.allow_home, allow_symlinks=share.allow_symlinks)
+        user = qemu_user() if _is_system(self.uri) else None
+        if share.kind == "9p" and user is not None:
+            problem = sh.qemu_user_problem(Path(share.path).resolve(), user, write=not share.readonly)
+            if problem:
+                raise FileAccessError(
+                    f"libvirt ejecuta QEMU como «{user.pw_name}», y con 9p es QEMU quien abre los ficheros: "
+                    f"{problem}.",
+                    f"Da la carpeta a ese usuario (chown {user.pw_name} CARPETA), o permiso de paso y escritura "
+                    f"(chmod o+rwx, o setfacl -m u:{user.pw_name}:rwx CARPETA), o usa virtiofs (libvirt "
+                    "lanza virtiofsd como root).")
+        return share
+
+    def shares(self) -> list[Any]:
+        """The shared folders of this guest (ShareSpec), given at boot or hot-plugged."""
+        return list(self._shares.values())
+
+    def mount_share(self, share: Any, mountpoint: str | None = None) -> Any:
+        """Mount a share (a ShareSpec or its tag) in the guest; returns a MountedShare with the commands."""
+        from ..devices import shares as sh
+
+        spec = self._shares.get(share) if isinstance(share, str) else share
+        if spec is None:
+            raise InputError(f"Este invitado no tiene ninguna carpeta compartida con tag «{share}».",
+                             "Mira guest.shares().")
+        return sh.mount_share(self, spec, mountpoint, backend=self.backend)
+
+    def attach_share(self, path: str | os.PathLike[str], *, tag: str = "", kind: str = "virtiofs",
+                     readonly: bool = False, allow_home: bool = False, allow_symlinks: bool = False) -> Any:
+        """Share a folder with the running domain: ``attachDeviceFlags(<filesystem>)`` (virtiofs only:
+        libvirt cannot hot-plug 9p). The domain needs shared memory from boot."""
+        from ..devices import shares as sh
+        from .spec import ShareSpec, needs_shared_memory
+
+        libvirt = _libvirt()
+        share = ShareSpec(str(path), tag=tag, kind=kind, readonly=readonly, allow_home=allow_home,
+                          allow_symlinks=allow_symlinks)
+        if share.kind == "9p":
+            raise InputError(sh.LIBVIRT_9P_HOTPLUG, "GuestSpec(shares=(ShareSpec(ruta, kind=\"9p\"),)) al arrancar.")
+        if not needs_shared_memory(self.spec):
+            raise GuestError("virtiofs necesita <memoryBacking> con memoria compartida desde el arranque.",
+                             "Arranca con GuestSpec(shared_memory=True) (o con una carpeta virtiofs).")
+        if share.tag in self._shares:
+            raise InputError(f"Ya hay una carpeta con tag «{share.tag}».", "Usa otro tag.")
+        checked = sh.check_share_path(share.path, allow_home=allow_home, allow_symlinks=allow_symlinks)
+        xml = domxml.filesystem_xml(share)
+        try:
+            self._dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            raise GuestError(f"libvirt no pudo conectar la carpeta «{share.path}»: {err.get_error_message()}",
+                             "Mira libvirt_log().") from err
+        self._shares[share.tag] = share
+        line = f"virsh attach-device {self.name} carpeta.xml --live"
+        return sh.AttachedShare(share, len(self._shares), (line, f"attachDeviceFlags({xml}, VIR_DOMAIN_AFFECT_LIVE)"),
+                                (), checked.warnings, line)
+
+    def detach_share(self, attached: Any, *, timeout: float = 15.0) -> None:
+        """Unplug a hot-plugged virtiofs share (``virsh detach-device --live``); unmount it first."""
+        libvirt = _libvirt()
+        xml = domxml.filesystem_xml(attached.share)
+        try:
+            self._dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            raise GuestError(f"libvirt no pudo quitar la carpeta: {err.get_error_message()}",
+                             "¿Sigue montada en el invitado? Desmóntala antes.") from err
+        deadline = time.monotonic() + timeout
+        while f"dir='{attached.share.tag}'" in self._dom.XMLDesc(0) or f'dir="{attached.share.tag}"' in self._dom.XMLDesc(0):
+            if time.monotonic() > deadline:
+                raise GuestError("El invitado no soltó la carpeta compartida.", "Desmóntala en el invitado.")
+            time.sleep(0.05)
+        self._shares.pop(attached.share.tag, None)
+
+    # ------------------------------------------------------------ USB (virsh attach-device --live)
+    def usb_devices(self) -> list[Any]:
+        """The USB devices hot-plugged into this domain (AttachedUsb)."""
+        return list(self._usb.values())
+
+    def attach_usb(self, kind: str, *, image: str | os.PathLike[str] | None = None, serial: str | None = None,
+                   readonly: bool = False, hostbus: int | None = None, hostaddr: int | None = None,
+                   vendorid: int | None = None, productid: int | None = None) -> Any:
+        """Plug a USB device into the running domain: ``attachDeviceFlags`` of a ``<disk bus='usb'>``,
+        ``<input bus='usb'>`` or ``<hostdev type='usb'>``. libvirt cannot hot-plug the USB controller:
+        the domain must have one from boot (GuestSpec(usb_controller=True) or usb=...)."""
+        from ..devices import disks as dd
+        from ..devices import usb as du
+        from .spec import UsbSpec, has_usb
+
+        libvirt = _libvirt()
+        if not has_usb(self.spec):
+            raise GuestError("Este dominio no tiene controlador USB y libvirt no permite añadirlo en caliente.",
+                             "Arráncalo con GuestSpec(usb_controller=True): <controller type='usb' "
+                             "model='qemu-xhci'/>.")
+        path = Path(image).expanduser().resolve() if image else None
+        if path is not None:
+            self._check_access(images=[path])
+        if kind == "storage" and serial is None:
+            serial = dd.new_serial()
+        spec = UsbSpec(kind, image=str(path or ""), serial=serial or "", readonly=readonly, hostbus=hostbus,
+                       hostaddr=hostaddr, vendorid=vendorid, productid=productid)
+        if not self._usb_drivers:
+            du.load_usb_drivers(self)
+            self._usb_drivers = True
+        index = 10 + len(self._usb)
+        while f"ua-usb{index}" in self._usb:
+            index += 1
+        xml = domxml.usb_hostdev_xml(spec) if spec.kind == "host" else domxml.usb_xml(spec, index)
+        try:
+            self._dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            message = err.get_error_message()
+            if spec.kind == "host":
+                raise GuestError(du.explain_qemu_error(message, spec),
+                                 "Comprueba el bus y la dirección con lsusb (o labkit.devices.usb.host_devices()).") from err
+            raise GuestError(f"libvirt no pudo conectar el dispositivo USB: {message}", "Mira libvirt_log().") from err
+        line = f"virsh attach-device {self.name} usb.xml --live"
+        attached = du.AttachedUsb(kind, f"ua-usb{index}", path, spec.serial, readonly, self.backend,
+                                  (line, f"attachDeviceFlags({xml}, VIR_DOMAIN_AFFECT_LIVE)"), line, xml)
+        self._usb[attached.device_id] = attached
+        return attached
+
+    def detach_usb(self, device: Any, *, timeout: float = 15.0) -> Any:
+        """Unplug a hot-plugged USB device: ``detachDeviceAlias`` (its ``ua-`` alias) and wait until it
+        leaves the live XML."""
+        libvirt = _libvirt()
+        if device.device_id not in self._usb:
+            raise InputError(f"El dispositivo «{device.device_id}» no está conectado a este invitado.",
+                             "Mira guest.usb_devices().")
+        try:
+            self._dom.detachDeviceAlias(device.device_id, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as err:
+            raise GuestError(f"libvirt no pudo quitar «{device.device_id}»: {err.get_error_message()}",
+                             "Mira libvirt_log().") from err
+        deadline = time.monotonic() + timeout
+        while f"'{device.device_id}'" in self._dom.XMLDesc(0) or f'"{device.device_id}"' in self._dom.XMLDesc(0):
+            if time.monotonic() > deadline:
+                raise GuestError(f"El invitado no soltó «{device.device_id}» en {timeout:g} s.", "Mira dmesg.")
+            time.sleep(0.05)
+        del self._usb[device.device_id]
+        line = f"virsh detach-device-alias {self.name} {device.device_id} --live"
+        return replace(device, commands=(line, f"detachDeviceAlias('{device.device_id}', VIR_DOMAIN_AFFECT_LIVE)"),
+                       virsh=line)
 
     # ------------------------------------------------------------ disks (virsh attach-disk --live ...)
     def disks(self) -> list[Any]:
@@ -771,6 +923,25 @@ class LibvirtGuest:
             payload = self._qmp_json(args[0], json.loads(args[1]) if len(args) > 1 else {})
             return shlex.join(base + [action, self.name, payload])
         return shlex.join(base + [action, self.name, *args])
+
+    # ------------------------------------------------------------ channels (issue 6)
+    def channel(self, name: str, *, timeout: float = 10.0) -> Any:
+        """The host end of ``<channel type='unix'>`` ``name`` (a :class:`labkit.devices.channels.Channel`), connected."""
+        from ..devices.channels import Channel
+
+        if name not in {c.name for c in self.spec.channels}:
+            raise InputError(f"El invitado no tiene el canal «{name}».",
+                             "Decláralo al crear el invitado: GuestSpec(channels=(ChannelSpec(nombre),)).")
+        if not self.running or self._directory is None:
+            raise GuestError("El invitado no está en marcha.", "Arráncalo con start() o con «with LibvirtGuest(...)».")
+        return Channel(domxml.LibvirtRuntime(self._directory).channel(name), name, timeout=timeout).connect()
+
+    @property
+    def vnc_socket(self) -> Path | None:
+        """The VNC unix socket of ``<graphics type='vnc' socket=...>`` (GuestSpec(vnc=True)), or None."""
+        if not self.spec.vnc or self._directory is None:
+            return None
+        return domxml.LibvirtRuntime(self._directory).vnc
 
     def command_line(self) -> str:
         """The virsh lines that start and stop this guest (the libvirt twin of the QEMU argv)."""

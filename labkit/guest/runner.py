@@ -183,6 +183,10 @@ class Guest:
         self._last_console = ""
         self._hotplugged: dict[str, Any] = {}  # device id -> devices.disks.AttachedDisk
         self._disk_drivers = False
+        self._daemons: list[Any] = []  # virtiofsd processes (devices.shares.VirtiofsDaemon)
+        self._shares: dict[str, Any] = {}  # tag -> ShareSpec (boot and hot-plugged)
+        self._usb: dict[str, Any] = {}  # device id -> devices.usb.AttachedUsb (hot-plugged)
+        self._usb_drivers = False
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -229,8 +233,13 @@ class Guest:
         runtime = qargv.Runtime(directory, console=self._console)
         self.argv = qargv.build_argv(self.spec, accel, boot, runtime,
                                      tsc_khz=host_tsc_khz() if accel == "tcg" else None, binary=self._binary)
-        stderr = open(directory / "qemu.stderr", "wb")
         start = time.monotonic()
+        try:
+            self._start_share_daemons(runtime)
+        except Exception:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        stderr = open(directory / "qemu.stderr", "wb")
         try:
             proc = spawn_qemu(self.argv, stderr, interactive=self._console == "stdio")
         finally:
@@ -283,6 +292,9 @@ class Guest:
         if self._finalizer is not None:
             self._finalizer()  # terminate + remove the temp dir, exactly once
             self._finalizer = None
+        for daemon in self._daemons:
+            daemon.stop()
+        self._daemons = []
 
     def stop(self) -> None:
         """Stop QEMU (SIGTERM, then SIGKILL) and remove its sockets and temp dir. Safe to call twice."""
@@ -482,6 +494,190 @@ class Guest:
         self.qmp(command, **arguments)
         return dd.ResizeResult(disk, current, new, (dd.qmp_text(command, arguments),),
                                dd.virsh_resize_line(self.spec.name, disk.target or "vdX", new))
+
+    # ------------------------------------------------------------ shared folders
+    def _start_share_daemons(self, runtime: qargv.Runtime) -> None:
+        from ..devices import shares as sh
+
+        self._shares = {}
+        for share in self.spec.shares:
+            sh.check_share_path(share.path, allow_home=share.allow_home, allow_symlinks=share.allow_symlinks)
+            self._shares[share.tag] = share
+        for share in self.spec.shares:
+            if share.kind == "virtiofs":
+                self._daemons.append(sh.start_virtiofsd(share, runtime.virtiofs(share.tag),
+                                                        log=runtime.directory / f"virtiofsd-{share.tag}.log"))
+
+    def shares(self) -> list[Any]:
+        """The shared folders of this guest (ShareSpec), given at boot or hot-plugged."""
+        return list(self._shares.values())
+
+    def mount_share(self, share: Any, mountpoint: str | None = None) -> Any:
+        """Mount a share (a ShareSpec or its tag) in the guest; returns a MountedShare with the commands."""
+        from ..devices import shares as sh
+
+        spec = self._shares.get(share) if isinstance(share, str) else share
+        if spec is None:
+            raise InputError(f"Este invitado no tiene ninguna carpeta compartida con tag «{share}».",
+                             "Mira guest.shares().")
+        return sh.mount_share(self, spec, mountpoint, backend=self.backend)
+
+    def attach_share(self, path: str | os.PathLike[str], *, tag: str = "", kind: str = "virtiofs",
+                     readonly: bool = False, allow_home: bool = False, allow_symlinks: bool = False) -> Any:
+        """Share a folder with the running guest (virtiofs only: start virtiofsd, QMP ``chardev-add`` +
+        ``device_add vhost-user-fs-pci``). The guest must have been started with shared memory
+        (GuestSpec(shared_memory=True) or a virtiofs share at boot). Returns an AttachedShare."""
+        from ..devices import shares as sh
+        from .spec import ShareSpec, needs_shared_memory
+
+        share = ShareSpec(str(path), tag=tag, kind=kind, readonly=readonly, allow_home=allow_home,
+                          allow_symlinks=allow_symlinks)
+        if share.kind != "virtiofs":
+            raise InputError("Una carpeta 9p no se puede conectar en caliente: QEMU no tiene orden QMP para crear "
+                             "su -fsdev.", "Dala al arrancar (GuestSpec(shares=...)) o usa kind=\"virtiofs\".")
+        bus = self._hotplug_bus()
+        if not needs_shared_memory(self.spec):
+            raise GuestError("virtiofs necesita que la RAM del invitado sea memoria compartida desde el arranque.",
+                             "Arranca con GuestSpec(shared_memory=True) (o con una carpeta virtiofs).")
+        if share.tag in self._shares:
+            raise InputError(f"Ya hay una carpeta con tag «{share.tag}».", "Usa otro tag.")
+        checked = sh.check_share_path(share.path, allow_home=allow_home, allow_symlinks=allow_symlinks)
+        assert self._runtime is not None
+        index = 100 + len(self._shares)
+        socket = self._runtime.virtiofs(share.tag)
+        daemon = sh.start_virtiofsd(share, socket, log=self._runtime.directory / f"virtiofsd-{share.tag}.log")
+        self._daemons.append(daemon)
+        messages = sh.hotplug_messages(share, index, socket, bus=bus)
+        try:
+            for command, arguments in messages:
+                self.qmp(command, **arguments)
+        except GuestError:
+            daemon.stop()
+            raise
+        self._shares[share.tag] = share
+        from ..devices.disks import qmp_text
+
+        return sh.AttachedShare(share, index, tuple(qmp_text(c, a) for c, a in messages), daemon.argv,
+                                checked.warnings)
+
+    def detach_share(self, attached: Any, *, timeout: float = 15.0) -> None:
+        """Unplug a hot-plugged virtiofs share (unmount it in the guest first)."""
+        from ..devices import shares as sh
+
+        command, arguments = sh.unplug_messages(attached.index)[0]
+        self.qmp(command, **arguments)
+        deadline = time.monotonic() + timeout
+        while self._device_present(f"share{attached.index}"):
+            if time.monotonic() > deadline:
+                raise GuestError("El invitado no soltó la carpeta compartida.", "¿Sigue montada? Desmóntala antes.")
+            time.sleep(0.02)
+        command, arguments = sh.unplug_messages(attached.index)[1]
+        self.qmp(command, **arguments)
+        self._shares.pop(attached.share.tag, None)
+
+    # ------------------------------------------------------------ channels (issue 6)
+    def channel(self, name: str, *, timeout: float = 10.0) -> Any:
+        """The host end of virtio-serial channel ``name`` (a :class:`labkit.devices.channels.Channel`), connected."""
+        from ..devices.channels import Channel
+
+        if name not in {c.name for c in self.spec.channels}:
+            raise InputError(f"El invitado no tiene el canal «{name}».",
+                             "Decláralo al crear el invitado: GuestSpec(channels=(ChannelSpec(nombre),)).")
+        if not self.running or self._runtime is None:
+            raise GuestError("El invitado no está en marcha.", "Arráncalo con start() o con «with Guest(...)».")
+        return Channel(self._runtime.channel(name), name, timeout=timeout).connect()
+
+    @property
+    def vnc_socket(self) -> Path | None:
+        """QEMU's VNC unix socket (GuestSpec(vnc=True)), or None."""
+        if not self.spec.vnc or self._runtime is None:
+            return None
+        return self._runtime.vnc
+
+    # ------------------------------------------------------------ USB (hot-plug)
+    def usb_devices(self) -> list[Any]:
+        """The USB devices hot-plugged into this guest (AttachedUsb)."""
+        return list(self._usb.values())
+
+    def attach_usb(self, kind: str, *, image: str | os.PathLike[str] | None = None, serial: str | None = None,
+                   readonly: bool = False, hostbus: int | None = None, hostaddr: int | None = None,
+                   vendorid: int | None = None, productid: int | None = None) -> Any:
+        """Plug a USB device into the running guest over QMP ``device_add`` (on the xHCI bus; the
+        controller itself is hot-plugged first when the guest has none). Loads the guest's drivers."""
+        from ..devices import disks as dd
+        from ..devices import usb as du
+        from .spec import UsbSpec, has_usb
+
+        self._hotplug_bus()
+        path = Path(image).expanduser().resolve() if image else None
+        if kind == "storage" and serial is None:
+            serial = dd.new_serial()
+        spec = UsbSpec(kind, image=str(path or ""), serial=serial or "", readonly=readonly, hostbus=hostbus,
+                       hostaddr=hostaddr, vendorid=vendorid, productid=productid)
+        sent: list[tuple[str, dict[str, Any]]] = []
+        if not has_usb(self.spec) and not self._device_present(qargv.XHCI_ID):
+            command, arguments = du.xhci_message()
+            self.qmp(command, **arguments)
+            sent.append((command, arguments))
+        if not self._usb_drivers:
+            du.load_usb_drivers(self)
+            self._usb_drivers = True
+        index = 10 + len(self._usb)
+        while f"usb{index}" in self._usb:
+            index += 1
+        fmt = dd.info(path).format if path else "raw"
+        messages = du.attach_messages(spec, index, fmt=fmt)
+        done: list[tuple[str, dict[str, Any]]] = []
+        try:
+            for command, arguments in messages:
+                self.qmp(command, **arguments)
+                done.append((command, arguments))
+        except GuestError as err:
+            for command, arguments in reversed(done):
+                if command == "blockdev-add":
+                    try:
+                        self.qmp("blockdev-del", **{"node-name": arguments["node-name"]})
+                    except GuestError:
+                        pass
+            if kind == "host":
+                raise GuestError(du.explain_qemu_error(err.message.split(": ", 1)[-1], spec),
+                                 "Comprueba el bus y la dirección con lsusb (o labkit.devices.usb.host_devices()).") from err
+            raise
+        from .domxml import usb_xml
+
+        xml = usb_xml(spec, index)
+        attached = du.AttachedUsb(kind, f"usb{index}", path, spec.serial, readonly, self.backend,
+                                  du.qmp_lines(sent + messages),
+                                  f"virsh attach-device {self.spec.name} usb.xml --live", xml)
+        self._usb[attached.device_id] = attached
+        return attached
+
+    def detach_usb(self, device: Any, *, timeout: float = 15.0) -> Any:
+        """Unplug a hot-plugged USB device (``device_del``, wait until it is gone, then drop its nodes)."""
+        from ..devices import usb as du
+
+        if device.device_id not in self._usb:
+            raise InputError(f"El dispositivo «{device.device_id}» no está conectado a este invitado.",
+                             "Mira guest.usb_devices().")
+        messages = du.detach_messages(device)
+        self.qmp(*messages[0][:1], **messages[0][1])
+        deadline = time.monotonic() + timeout
+        while self._device_present(device.device_id):
+            if time.monotonic() > deadline:
+                raise GuestError(f"El invitado no soltó «{device.device_id}» en {timeout:g} s.", "Mira dmesg.")
+            time.sleep(0.02)
+        for command, arguments in messages[1:]:
+            while True:
+                try:
+                    self.qmp(command, **arguments)
+                    break
+                except GuestError as err:
+                    if "in use" not in err.message or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        del self._usb[device.device_id]
+        return replace(device, commands=du.qmp_lines(messages),
+                       virsh=f"virsh detach-device {self.spec.name} usb.xml --live")
 
     def command_line(self) -> str:
         """The exact QEMU argv, shell-quoted, for display."""

@@ -12,15 +12,22 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError
 
-__all__ = ["GuestSpec", "DiskSpec", "ChannelSpec", "parse_memory", "ACCELERATORS", "MACHINES", "PREFIX",
-           "AGENT_PORT"]
+__all__ = ["GuestSpec", "DiskSpec", "ChannelSpec", "ShareSpec", "UsbSpec", "parse_memory", "ACCELERATORS", "MACHINES", "PREFIX",
+           "AGENT_PORT", "SHARE_KINDS", "SECURITY_MODELS", "USB_KINDS"]
 
 PREFIX = "labkit-"
 ACCELERATORS = ("auto", "kvm", "tcg")
 MACHINES = ("microvm", "q35", "pc")
 AGENT_PORT = "org.qemu.guest_agent.0"
+#: The port spice-vdagent (and labkit's minimal agent) opens: SPICE's spicevmc or QEMU's qemu-vdagent.
+VDAGENT_PORT = "com.redhat.spice.0"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _PORT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$")
+SHARE_KINDS = ("9p", "virtiofs")
+#: virtio-9p security models (QEMU ``-fsdev local,security_model=...``), safest default first.
+SECURITY_MODELS = ("mapped-xattr", "mapped-file", "passthrough", "none")
+USB_KINDS = ("storage", "keyboard", "tablet", "mouse", "host")
 _UNITS = {"": 1, "M": 1, "MB": 1, "MIB": 1, "G": 1024, "GB": 1024, "GIB": 1024}
 
 
@@ -86,6 +93,83 @@ class ChannelSpec:
                              "Usa letras, dígitos, «.», «-» o «_», como org.example.canal.0.")
         if self.name == AGENT_PORT:
             raise InputError(f"«{AGENT_PORT}» ya lo usa el agente.", "Elige otro nombre de canal.")
+        if self.name == VDAGENT_PORT:
+            raise InputError(f"«{VDAGENT_PORT}» es el puerto del agente SPICE.",
+                             "Para él usa GuestSpec(vdagent=True); elige otro nombre para tu canal.")
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    """A host directory shared with the guest: virtio-9p (``kind="9p"``) or virtiofs.
+
+    ``tag`` is the name the guest mounts (``mount -t 9p TAG`` / ``mount -t virtiofs TAG``);
+    ``security_model`` only applies to 9p (``mapped-xattr`` by default: the guest's owners and
+    modes are kept in extended attributes, QEMU never needs root). The path is checked (exists,
+    is a directory, not ``/`` nor a whole home, no symlink leading out) when the guest starts:
+    :func:`labkit.devices.shares.check_share_path`.
+    """
+
+    path: str
+    tag: str = ""
+    kind: str = "9p"
+    readonly: bool = False
+    security_model: str = "mapped-xattr"
+    allow_home: bool = False  # explicit consent to share a whole home directory
+    allow_symlinks: bool = False  # accept symlinks that point outside the share
+
+    def __post_init__(self) -> None:
+        if not self.path or "\0" in str(self.path) or "\n" in str(self.path):
+            raise InputError("Falta la ruta de la carpeta compartida (o no es válida).",
+                             "Indica una carpeta del anfitrión, p. ej. /srv/compartida.")
+        object.__setattr__(self, "path", str(self.path))
+        if self.kind not in SHARE_KINDS:
+            raise InputError(f"Tipo de carpeta compartida no válido: «{self.kind}».", "Usa «9p» o «virtiofs».")
+        if self.security_model not in SECURITY_MODELS:
+            raise InputError(f"Modelo de seguridad 9p no válido: «{self.security_model}».",
+                             "Usa «mapped-xattr» (recomendado), «mapped-file», «passthrough» o «none».")
+        tag = self.tag or re.sub(r"[^A-Za-z0-9_.-]", "_", self.path.rstrip("/").rsplit("/", 1)[-1] or "share")
+        tag = tag.lstrip("_.-")[:31] or "share"
+        if not _TAG.fullmatch(tag):
+            raise InputError(f"Etiqueta de montaje no válida: «{self.tag}».",
+                             "Usa hasta 31 letras, dígitos, «.», «-» o «_», p. ej. «compartida».")
+        object.__setattr__(self, "tag", tag)
+
+
+@dataclass(frozen=True)
+class UsbSpec:
+    """A USB device on the guest's xHCI controller: emulated (``storage`` backed by an image file,
+    ``keyboard``, ``tablet``, ``mouse``) or a real host device (``host``: by ``hostbus``+``hostaddr``
+    or by ``vendorid``+``productid``)."""
+
+    kind: str
+    image: str = ""
+    serial: str = ""
+    readonly: bool = False
+    hostbus: int | None = None
+    hostaddr: int | None = None
+    vendorid: int | None = None
+    productid: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in USB_KINDS:
+            raise InputError(f"Tipo de dispositivo USB no válido: «{self.kind}».",
+                             "Usa «storage», «keyboard», «tablet», «mouse» o «host».")
+        if self.kind == "storage" and not self.image:
+            raise InputError("Una memoria USB necesita una imagen de disco.", "Indica image=ruta (cree una con create()).")
+        if self.serial and not re.fullmatch(r"[A-Za-z0-9_-]{1,20}", self.serial):
+            raise InputError(f"Número de serie no válido: «{self.serial}».", "Usa hasta 20 letras, dígitos, «-» o «_».")
+        if self.kind == "host":
+            by_addr = self.hostbus is not None and self.hostaddr is not None
+            by_id = self.vendorid is not None and self.productid is not None
+            if not (by_addr or by_id):
+                raise InputError("Un dispositivo USB del anfitrión se indica por bus y dirección o por ids.",
+                                 "Usa hostbus=1, hostaddr=3 (lo que dice lsusb) o vendorid=0x320f, productid=0x5055.")
+            for name in ("hostbus", "hostaddr", "vendorid", "productid"):
+                value = getattr(self, name)
+                limit = 0xFFFF if name in ("vendorid", "productid") else 255
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                          or not 0 <= value <= limit):
+                    raise InputError(f"{name} no válido: {value!r}.", f"Usa un entero entre 0 y {limit}.")
 
 
 @dataclass(frozen=True)
@@ -101,8 +185,14 @@ class GuestSpec:
     cmdline: str = ""
     disks: tuple[DiskSpec, ...] = field(default=())
     channels: tuple[ChannelSpec, ...] = field(default=())
-    shares: tuple = field(default=())  # filled by the shared-folder issue
-    usb: tuple = field(default=())  # filled by the USB issue
+    shares: tuple[ShareSpec, ...] = field(default=())
+    usb: tuple[UsbSpec, ...] = field(default=())
+    usb_controller: bool = False  # an xHCI controller at boot even with no USB device (libvirt hot-plug)
+    shared_memory: bool = False  # a shared memory backend (memfd) even with no virtiofs share (hot-plug)
+    #: QEMU's qemu-vdagent chardev (clipboard on, mouse off) on the port com.redhat.spice.0 (issue 6)
+    vdagent: bool = False
+    #: QEMU's VNC server on a unix socket in the runtime dir, never TCP: it feeds QEMU's clipboard (issue 6)
+    vnc: bool = False
 
     def __post_init__(self) -> None:
         name = str(self.name)
@@ -126,6 +216,23 @@ class GuestSpec:
                              "Escribe las opciones separadas por espacios.")
         object.__setattr__(self, "disks", tuple(self.disks))
         object.__setattr__(self, "channels", tuple(self.channels))
+        object.__setattr__(self, "shares", tuple(self.shares))
+        object.__setattr__(self, "usb", tuple(self.usb))
+        tags = [s.tag for s in self.shares]
+        if len(set(tags)) != len(tags):
+            raise InputError("Hay carpetas compartidas con la misma etiqueta.", "Da a cada una un tag distinto.")
+        if (self.usb or self.usb_controller) and self.machine == "microvm":
+            raise InputError("Una máquina microvm no tiene bus PCI ni USB.",
+                             "Usa GuestSpec(machine=\"pc\") o «q35» para dispositivos USB.")
         names = [c.name for c in self.channels]
         if len(set(names)) != len(names):
             raise InputError("Hay canales con el mismo nombre.", "Cada canal necesita un nombre distinto.")
+
+
+def needs_shared_memory(spec: GuestSpec) -> bool:
+    """virtiofs maps guest memory into virtiofsd: the RAM must be a shared (memfd) backend."""
+    return spec.shared_memory or any(s.kind == "virtiofs" for s in spec.shares)
+
+
+def has_usb(spec: GuestSpec) -> bool:
+    return bool(spec.usb) or spec.usb_controller
