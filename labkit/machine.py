@@ -44,7 +44,7 @@ from typing import Any
 from .errors import HostError, InputError, ToolMissingError
 from .guest.argv import QEMU, opts, shell_line
 from .guest.runner import spawn_qemu, terminate_qemu, choose_accel, runtime_base, sweep_stale
-from .guest.spec import ACCELERATORS, PREFIX, parse_memory
+from .guest.spec import ACCELERATORS, labkit_name, parse_memory
 
 __all__ = [
     "MachineSpec",
@@ -76,7 +76,6 @@ __all__ = [
 MACHINE_TYPES = ("q35", "pc")
 VGA_MODELS = ("std", "cirrus", "virtio", "none")
 SOURCES = ("serial", "debugcon", "screen")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _DEVICE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,40}$")
 _BOOT = re.compile(r"^[a-p]{1,8}$")
 SEABIOS_DEBUG_PORT = 0x402  # where QEMU's SeaBIOS (and OVMF's debug builds) print their log
@@ -159,13 +158,7 @@ class MachineSpec:
     debugcon: bool = True
 
     def __post_init__(self) -> None:
-        name = str(self.name)
-        if not _NAME.fullmatch(name):
-            raise InputError(f"Nombre de máquina no válido: «{self.name}».",
-                             "Usa solo letras, dígitos, «.», «-» o «_» (sin espacios ni «/»).")
-        if not name.startswith(PREFIX):
-            name = PREFIX + name
-        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "name", labkit_name(self.name, "máquina"))
         object.__setattr__(self, "memory", parse_memory(self.memory))
         if self.machine not in MACHINE_TYPES:
             raise InputError(f"Tipo de máquina no válido: «{self.machine}».",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError
 
-__all__ = ["GuestSpec", "DiskSpec", "ChannelSpec", "ShareSpec", "UsbSpec", "parse_memory", "ACCELERATORS", "MACHINES", "PREFIX",
+__all__ = ["GuestSpec", "DiskSpec", "ChannelSpec", "ShareSpec", "UsbSpec", "labkit_name", "parse_memory", "ACCELERATORS", "MACHINES", "PREFIX",
            "AGENT_PORT", "SHARE_KINDS", "SECURITY_MODELS", "USB_KINDS"]
 
 PREFIX = "labkit-"
@@ -29,6 +29,15 @@ SHARE_KINDS = ("9p", "virtiofs")
 SECURITY_MODELS = ("mapped-xattr", "mapped-file", "passthrough", "none")
 USB_KINDS = ("storage", "keyboard", "tablet", "mouse", "host")
 _UNITS = {"": 1, "M": 1, "MB": 1, "MIB": 1, "G": 1024, "GB": 1024, "GIB": 1024}
+
+
+def labkit_name(value: object, what: str = "invitado") -> str:
+    """A valid guest/domain name, always with the ``labkit-`` prefix (so cleanup can find it)."""
+    name = str(value)
+    if not _NAME.fullmatch(name):
+        raise InputError(f"Nombre de {what} no válido: «{value}».",
+                         "Usa solo letras, dígitos, «.», «-» o «_» (sin espacios ni «/»).")
+    return name if name.startswith(PREFIX) else PREFIX + name
 
 
 def parse_memory(value: int | str) -> int:
@@ -195,13 +204,7 @@ class GuestSpec:
     vnc: bool = False
 
     def __post_init__(self) -> None:
-        name = str(self.name)
-        if not _NAME.fullmatch(name):
-            raise InputError(f"Nombre de invitado no válido: «{self.name}».",
-                             "Usa solo letras, dígitos, «.», «-» o «_» (sin espacios ni «/»).")
-        if not name.startswith(PREFIX):
-            name = PREFIX + name
-        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "name", labkit_name(self.name))
         object.__setattr__(self, "memory", parse_memory(self.memory))
         object.__setattr__(self, "vcpus", _positive_int(self.vcpus, "Número de vCPU",
                                                         "Indica un entero entre 1 y 64, p. ej. 1 o 2."))
