@@ -53,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=60.0, help="segundos para la orden")
     r.add_argument("--show-command", action="store_true", help="imprime la línea de QEMU")
     r.add_argument("guest_argv", nargs=argparse.REMAINDER, metavar="-- ORDEN", help="orden para el invitado")
+    be = sub.add_parser("bench", help="mide el mismo trabajo en nativo, con KVM y con TCG",
+                        description="Ejecuta las mismas órdenes de busybox en el anfitrión y en invitados (KVM si "
+                                    "funciona aquí, TCG de 1 hilo y TCG multihilo con 2 vCPU), ronda a ronda, y da "
+                                    "la mediana, el IQR y el cociente frente a nativo. Ctrl-C para los invitados "
+                                    "y guarda lo medido.")
+    be.add_argument("--mode", choices=("quick", "full"), default="full", help="tamaño de las cargas (full por defecto)")
+    be.add_argument("--rounds", type=int, help="repeticiones medidas (3 en quick, 7 en full)")
+    be.add_argument("--warmup", type=int, default=1, help="rondas de calentamiento, no cuentan (1)")
+    be.add_argument("--boot-rounds", type=int, help="arranques por núcleo y configuración (2 en quick, 5 en full)")
+    be.add_argument("--workloads", help="lista separada por comas: sha256,syscalls,memcopy,blockio,boot")
+    be.add_argument("--configs", help="lista separada por comas: kvm,tcg-1,tcg-2 (nativo siempre)")
+    be.add_argument("--json", metavar="FICHERO", help="guarda los resultados (con metadatos) en JSON")
+    be.add_argument("--csv", metavar="FICHERO", help="guarda el resumen en CSV")
+    be.add_argument("--plot", metavar="FICHERO.png", help="guarda el gráfico de barras")
+    be.add_argument("--compare", metavar="FICHERO", action="append", default=[],
+                    help="resultados de otro equipo para dibujarlos al lado (repetible)")
+    be.add_argument("--log", action="store_true", help="eje de tiempos logarítmico en el gráfico")
+    be.add_argument("--label", help="nombre de este equipo en los gráficos")
     c = sub.add_parser("cleanup", help="elimina los invitados, dominios y ficheros que dejó un fallo",
                        description="Busca invitados de labkit (dominios libvirt «labkit-*», procesos QEMU y "
                                    "directorios temporales) cuyo dueño ya no existe, los elimina y dice qué ha "
@@ -68,6 +86,13 @@ def _cleanup(args: argparse.Namespace) -> int:
     lines = cleanup(everything=args.all, uri=args.uri)
     print("\n".join(lines) if lines else NOTHING)
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .bench.cli import main as bench_main
+
+    return bench_main(args, bench)
 
 
 def _guest(args: argparse.Namespace) -> int:
@@ -105,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _guest(args)
         if args.command == "cleanup":
             return _cleanup(args)
+        if args.command == "bench":
+            return _bench(args)
     except LabkitError as err:
         print(f"labkit: {err}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
