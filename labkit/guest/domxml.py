@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .argv import BootFiles, kernel_cmdline
+from .argv import BootFiles, Runtime, kernel_cmdline
 from .spec import AGENT_PORT, VDAGENT_PORT, GuestSpec, ShareSpec, UsbSpec, has_usb, needs_shared_memory
 
 __all__ = [
@@ -63,29 +63,15 @@ METADATA_PREFIX = "labkit"
 
 
 @dataclass(frozen=True)
-class LibvirtRuntime:
+class LibvirtRuntime(Runtime):
     """Where a libvirt domain's console file and channel sockets go.
 
     The directory must be writable by the user libvirt runs QEMU as (``libvirt-qemu`` on
     Debian): QEMU creates the sockets (``mode='bind'``) and writes the console.
+
+    The paths (console.log, qga.sock, chan-<name>.sock, vnc.sock...) are the QEMU-direct
+    runner's :class:`~labkit.guest.argv.Runtime`: one layout for both backends.
     """
-
-    directory: Path
-
-    @property
-    def agent(self) -> Path:
-        return self.directory / "qga.sock"
-
-    @property
-    def console_log(self) -> Path:
-        return self.directory / "console.log"
-
-    def channel(self, name: str) -> Path:
-        return self.directory / f"chan-{name}.sock"
-
-    @property
-    def vnc(self) -> Path:
-        return self.directory / "vnc.sock"
 
 
 @dataclass(frozen=True)

@@ -663,19 +663,9 @@ class LibvirtGuest:
                     "lanza virtiofsd como root).")
         return share
 
-    def shares(self) -> list[Any]:
-        """The shared folders of this guest (ShareSpec), given at boot or hot-plugged."""
-        return list(self._shares.values())
-
-    def mount_share(self, share: Any, mountpoint: str | None = None) -> Any:
-        """Mount a share (a ShareSpec or its tag) in the guest; returns a MountedShare with the commands."""
-        from ..devices import shares as sh
-
-        spec = self._shares.get(share) if isinstance(share, str) else share
-        if spec is None:
-            raise InputError(f"Este invitado no tiene ninguna carpeta compartida con tag «{share}».",
-                             "Mira guest.shares().")
-        return sh.mount_share(self, spec, mountpoint, backend=self.backend)
+    # the same calls as the QEMU-direct guest: they only use self._shares, self.backend and run()
+    shares = Guest.shares
+    mount_share = Guest.mount_share
 
     def attach_share(self, path: str | os.PathLike[str], *, tag: str = "", kind: str = "virtiofs",
                      readonly: bool = False, allow_home: bool = False, allow_symlinks: bool = False) -> Any:
