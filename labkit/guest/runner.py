@@ -441,6 +441,27 @@ class Guest:
     def _device_present(self, device: str) -> bool:
         return any(child.get("name") == device for child in self.qmp("qom-list", path="/machine/peripheral"))
 
+    def _unplug(self, device_id: str, messages: list[tuple[str, dict[str, Any]]], timeout: float,
+                stuck: GuestError) -> None:
+        """``device_del`` (messages[0]), wait until the guest lets the device go, then the node
+        removals (messages[1:]), retried while the block backend still holds the node."""
+        command, arguments = messages[0]
+        self.qmp(command, **arguments)
+        deadline = time.monotonic() + timeout
+        while self._device_present(device_id):
+            if time.monotonic() > deadline:
+                raise stuck
+            time.sleep(0.02)
+        for command, arguments in messages[1:]:
+            while True:  # the device's block backend lets go of the node a moment after the device goes
+                try:
+                    self.qmp(command, **arguments)
+                    break
+                except GuestError as err:
+                    if "in use" not in err.message or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+
     def detach_disk(self, disk: Any, *, timeout: float = 15.0, force: bool = False) -> Any:
         """Unplug a hot-plugged disk: ``device_del`` (the guest's kernel must release it: we wait until
         the device is gone), then ``blockdev-del`` of both nodes. Refuses a disk mounted in the guest
@@ -453,24 +474,10 @@ class Guest:
         if not force and self._agent is not None:
             dd.ensure_not_mounted(self, disk)
         messages = dd.detach_messages(disk)
-        command, arguments = messages[0]
-        self.qmp(command, **arguments)
-        deadline = time.monotonic() + timeout
-        while self._device_present(disk.device_id):
-            if time.monotonic() > deadline:
-                raise GuestError(f"El invitado no soltó el disco «{disk.serial}» en {timeout:g} s.",
-                                 "device_del necesita la colaboración del invitado (ACPI): mira dmesg en el "
-                                 "invitado; el disco se quitará cuando lo suelte.")
-            time.sleep(0.02)
-        for command, arguments in messages[1:]:
-            while True:  # the device's block backend lets go of the node a moment after the device goes
-                try:
-                    self.qmp(command, **arguments)
-                    break
-                except GuestError as err:
-                    if "in use" not in err.message or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        self._unplug(disk.device_id, messages, timeout,
+                     GuestError(f"El invitado no soltó el disco «{disk.serial}» en {timeout:g} s.",
+                                "device_del necesita la colaboración del invitado (ACPI): mira dmesg en el "
+                                "invitado; el disco se quitará cuando lo suelte."))
         del self._hotplugged[disk.device_id]
         target = disk.target or "vdX"
         return replace(disk, commands=tuple(dd.qmp_text(c, a) for c, a in messages),
@@ -660,21 +667,8 @@ class Guest:
             raise InputError(f"El dispositivo «{device.device_id}» no está conectado a este invitado.",
                              "Mira guest.usb_devices().")
         messages = du.detach_messages(device)
-        self.qmp(*messages[0][:1], **messages[0][1])
-        deadline = time.monotonic() + timeout
-        while self._device_present(device.device_id):
-            if time.monotonic() > deadline:
-                raise GuestError(f"El invitado no soltó «{device.device_id}» en {timeout:g} s.", "Mira dmesg.")
-            time.sleep(0.02)
-        for command, arguments in messages[1:]:
-            while True:
-                try:
-                    self.qmp(command, **arguments)
-                    break
-                except GuestError as err:
-                    if "in use" not in err.message or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        self._unplug(device.device_id, messages, timeout,
+                     GuestError(f"El invitado no soltó «{device.device_id}» en {timeout:g} s.", "Mira dmesg."))
         del self._usb[device.device_id]
         return replace(device, commands=du.qmp_lines(messages),
                        virsh=f"virsh detach-device {self.spec.name} usb.xml --live")
