@@ -146,3 +146,24 @@ def test_cli_cleanup_says_nothing_to_clean(guest):
                          cwd=ROOT)
     assert out.returncode == 0
     assert out.stdout.strip() == "Nada que limpiar."
+
+
+def test_libvirt_qemu_user_can_open_dev_kvm():
+    # Without it libvirt (9.0) finds its cached QEMU capabilities stale and probes QEMU again
+    # before every domain (60-80 s each here): ./lab setup gives /dev/kvm to group kvm as udev does.
+    import grp
+    import os
+    import pwd
+    import stat
+
+    if not Path("/dev/kvm").exists():
+        pytest.skip("no hay /dev/kvm")
+    try:
+        user = pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        pytest.skip("libvirt no usa aquí el usuario libvirt-qemu")
+    st = os.stat("/dev/kvm")
+    groups = {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem} | {user.pw_gid}
+    usable = (st.st_uid == user.pw_uid and st.st_mode & stat.S_IRUSR and st.st_mode & stat.S_IWUSR) or \
+             (st.st_gid in groups and st.st_mode & stat.S_IRGRP and st.st_mode & stat.S_IWGRP)
+    assert usable, f"/dev/kvm es {stat.filemode(st.st_mode)} {st.st_uid}:{st.st_gid}"

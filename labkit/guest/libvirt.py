@@ -547,7 +547,8 @@ class LibvirtGuest:
         (directory / "qemu.pid").write_text(str(self.pid or ""))
         agent = _LibvirtAgent(dom)
         try:
-            self._wait_agent(agent, start + self.boot_timeout)
+            # the bound starts once the domain runs: createXML may first re-probe QEMU
+            self._wait_agent(agent, time.monotonic() + self.boot_timeout)
         except GuestStartError:
             self._stop_domain()
             raise
