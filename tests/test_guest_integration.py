@@ -151,3 +151,22 @@ def test_auto_falls_back_to_tcg_when_kvm_does_not_boot(guest_assets, monkeypatch
             assert "se repite con TCG" in g.fallback
         else:
             assert g.fallback is None
+
+
+def test_guest_started_from_a_thread_outlives_the_thread(guest_assets):
+    # PR_SET_PDEATHSIG fires when the forking *thread* ends: labkit forks from one long-lived
+    # thread, so a guest started from a worker thread (thread pool, widget callback) survives it.
+    import threading
+
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(
+        g=Guest(GuestSpec(name="hilo", accel="tcg"), assets=guest_assets).start()))
+    worker.start()
+    worker.join()
+    g = box["g"]
+    try:
+        time.sleep(0.5)  # a parent-death signal would already have killed QEMU
+        assert g.running
+        assert g.run("echo vivo").stdout == "vivo\n"
+    finally:
+        g.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..guest import argv as qargv
-from ..guest.runner import host_tsc_khz
+from ..guest.runner import host_tsc_khz, spawn_dying_with_us
 from ..guest.spec import GuestSpec
 
 __all__ = ["FLOOR_INIT", "FLOOR_MARK", "boot_floor", "build_floor_initramfs", "kill", "spawn", "stats"]
@@ -48,9 +48,7 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 def spawn(argv: list[str], **kw: Any) -> subprocess.Popen:
     """Start a QEMU that dies with this process (parent-death signal), as labkit does."""
-    setpriv = shutil.which("setpriv")
-    wrapped = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
-    return subprocess.Popen(wrapped, close_fds=True, **kw)
+    return spawn_dying_with_us(argv, **kw)
 
 
 def kill(proc: subprocess.Popen, grace: float = 2.0, group: bool = False) -> None:

@@ -12,12 +12,14 @@ of a notebook kernel. Its sockets and logs live in a private temp dir that
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, replace
@@ -30,7 +32,7 @@ from .agent import AgentClient, AgentError, decode_exec_status
 from .spec import GuestSpec
 
 __all__ = ["Guest", "CommandResult", "GuestError", "GuestStartError", "CommandTimeout", "CommandFailed",
-           "choose_accel", "runtime_base", "host_tsc_khz", "sweep_stale", "spawn_qemu", "terminate_qemu"]
+           "choose_accel", "runtime_base", "host_tsc_khz", "sweep_stale", "spawn_qemu", "spawn_dying_with_us", "terminate_qemu"]
 
 
 class GuestError(HostError):
@@ -132,12 +134,31 @@ def choose_accel(requested: str) -> tuple[str, str]:
     return report.accelerator, f"veredicto del anfitrión «{report.verdict}»: {report.reason}"
 
 
-def spawn_qemu(argv: list[str], stderr: Any, interactive: bool) -> subprocess.Popen:
-    """Start QEMU so that the kernel kills it when this process dies (PR_SET_PDEATHSIG)."""
+_spawner: Any = None
+_spawner_lock = threading.Lock()
+
+
+def spawn_dying_with_us(argv: list[str], **popen: Any) -> subprocess.Popen:
+    """Popen(argv) so that the kernel SIGKILLs the child when this process dies, even by kill -9.
+
+    ``setpriv --pdeathsig`` sets PR_SET_PDEATHSIG, which fires when the *thread* that forked
+    the child ends, not the process. A guest started from a worker thread (a thread pool,
+    a widget callback) would die with that thread; so every fork happens in one daemon
+    thread that lives as long as the process.
+    """
+    global _spawner
     setpriv = shutil.which("setpriv")
     wrapped = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+    with _spawner_lock:
+        if _spawner is None:
+            _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-spawn")
+    return _spawner.submit(subprocess.Popen, wrapped, close_fds=True, **popen).result()
+
+
+def spawn_qemu(argv: list[str], stderr: Any, interactive: bool) -> subprocess.Popen:
+    """Start QEMU so that the kernel kills it when this process dies (PR_SET_PDEATHSIG)."""
     io = None if interactive else subprocess.DEVNULL
-    return subprocess.Popen(wrapped, stdin=io, stdout=io, stderr=stderr, close_fds=True)
+    return spawn_dying_with_us(argv, stdin=io, stdout=io, stderr=stderr)
 
 
 def terminate_qemu(proc: subprocess.Popen | None, directory: Path | None) -> None:
