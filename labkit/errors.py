@@ -17,7 +17,11 @@ Every error says, in Spanish, what happened (``message``) and what to do next
 
 from __future__ import annotations
 
+import errno
+import os
+
 __all__ = [
+    "os_reason",
     "LabkitError",
     "InputError",
     "HostError",
@@ -73,3 +77,32 @@ class ToolMissingError(LabkitError):
 
 class SetupError(LabkitError):
     """The course environment is incomplete."""
+
+
+_OS_REASONS = {
+    errno.ENOENT: "no existe",
+    errno.EACCES: "permiso denegado",
+    errno.EPERM: "operación no permitida",
+    errno.EISDIR: "es una carpeta",
+    errno.ENOTDIR: "una parte de la ruta no es una carpeta",
+    errno.EEXIST: "ya existe",
+    errno.EROFS: "el sistema de ficheros es de solo lectura",
+    errno.ENOSPC: "no queda espacio en el disco",
+    errno.ENAMETOOLONG: "el nombre es demasiado largo",
+    errno.ELOOP: "demasiados enlaces simbólicos seguidos",
+    errno.E2BIG: "la lista de argumentos es demasiado larga",
+    errno.ENOEXEC: "no es un ejecutable válido",
+}
+
+
+def os_reason(err: OSError | int | str) -> str:
+    """An operating-system error in Spanish: from an OSError, an errno, or the C library's English text
+    (as another program quotes it, e.g. "No such file or directory"); unknown ones are kept as given."""
+    if isinstance(err, OSError):
+        code, text = err.errno, err.strerror or str(err)
+    elif isinstance(err, int):
+        code, text = err, os.strerror(err)
+    else:
+        text = str(err)
+        code = next((c for c in _OS_REASONS if os.strerror(c) == text), None)
+    return _OS_REASONS.get(code, text) if code is not None else text

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import InputError
+from .errors import InputError, os_reason
 
 __all__ = [
     "CpuInfo",
@@ -789,12 +789,16 @@ def save_tree(dest: str, root: str = "/") -> Path:
     ``labkit doctor --root dest``.
     """
     out = Path(dest)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InputError(f"«{dest}» ya existe y no está vacío: no se sobrescribe nada.",
-                         "Elige una carpeta nueva para guardar el diagnóstico.")
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(f"«{dest}» ya existe y no está vacío: no se sobrescribe nada.",
+                             "Elige una carpeta nueva para guardar el diagnóstico.")
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # no permission, a read-only or virtual file system (/proc) ...
+        raise InputError(f"No se puede crear la carpeta «{dest}»: {os_reason(err)}.",
+                         "Guarda el diagnóstico en una carpeta en la que puedas escribir, p. ej. ~/diagnostico.") from err
     src = Path(root)
     tree = _Tree(root)
-    out.mkdir(parents=True, exist_ok=True)
 
     def copy(path: Path) -> None:
         rel = path.relative_to(src)

@@ -78,3 +78,16 @@ def test_refuses_bad_paths(tmp_path):
     (tmp_path / "a").write_text("x")
     with pytest.raises(InputError):
         files.copy_to_guest(FakeGuest(), tmp_path / "a", "relativa.txt")
+
+
+def test_copy_from_guest_keeps_an_existing_host_file(tmp_path):
+    g = FakeGuest()
+    g.files["/root/x.bin"] = b"nuevo"
+    mine = tmp_path / "mio.txt"
+    mine.write_bytes(b"no me pises")
+    with pytest.raises(InputError, match="no se sobrescribe"):
+        files.copy_from_guest(g, "/root/x.bin", mine)
+    assert mine.read_bytes() == b"no me pises"
+    files.copy_from_guest(g, "/root/x.bin", mine, overwrite=True)
+    assert mine.read_bytes() == b"nuevo"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mio.txt"]  # no partial file left

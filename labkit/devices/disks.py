@@ -164,7 +164,8 @@ def _qemu_img(args: Sequence[str]) -> tuple[subprocess.CompletedProcess[str], st
         raise ToolMissingError(QEMU_IMG, "qemu-utils")
     argv = [QEMU_IMG, *args]
     env = {**os.environ, "LC_ALL": "C"}
-    proc = subprocess.run([binary, *args], capture_output=True, text=True, env=env, check=False)
+    # errors="replace": a path with bytes that are not UTF-8 comes back in qemu-img's JSON
+    proc = subprocess.run([binary, *args], capture_output=True, text=True, errors="replace", env=env, check=False)
     return proc, shlex.join(argv)
 
 
@@ -182,6 +183,9 @@ def _fail(proc: subprocess.CompletedProcess[str], command: str, what: str, hint:
 
 def _image_path(path: str | os.PathLike[str], *, must_exist: bool) -> Path:
     p = Path(path).expanduser()
+    if "\n" in str(p) or "\0" in str(p):
+        raise InputError(f"Nombre de imagen no válido: {str(p)!r}.",
+                         "Quita el salto de línea o el byte nulo: QEMU no admite ninguno de los dos en una ruta.")
     if must_exist:
         if not p.exists():
             raise InputError(f"No existe la imagen «{p}».", "Comprueba la ruta o créala con create(ruta, «1G»).")
@@ -189,6 +193,8 @@ def _image_path(path: str | os.PathLike[str], *, must_exist: bool) -> Path:
             raise InputError(f"«{p}» es una carpeta, no una imagen de disco.", "Indica el fichero de la imagen.")
         return p
     parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"«{parent}» es un fichero, no una carpeta.", "Guarda la imagen en una carpeta que exista.")
     if not parent.is_dir():
         raise InputError(f"La carpeta «{parent}» no existe.",
                          f"Créala antes (mkdir -p {shlex.quote(str(parent))}) o elige una ruta en una carpeta que exista.")

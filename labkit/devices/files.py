@@ -167,13 +167,26 @@ def copy_to_guest(guest: _Agent, source: str | os.PathLike[str], dest: str, *, c
     return copy
 
 
-def copy_from_guest(guest: _Agent, source: str, dest: str | os.PathLike[str], *, chunk: int | None = None) -> FileCopy:
-    """Copy ``source`` from the guest to a host file and compare SHA-256 on both sides."""
+def copy_from_guest(guest: _Agent, source: str, dest: str | os.PathLike[str], *, chunk: int | None = None,
+                    overwrite: bool = False) -> FileCopy:
+    """Copy ``source`` from the guest to a host file and compare SHA-256 on both sides.
+
+    An existing host file is kept unless ``overwrite=True``; the copy goes to a temporary file
+    next to it and takes its name only once complete and verified, so a failed copy loses nothing.
+    """
     chunk = _chunk(guest, chunk)
     source = _guest_path(source)
     out = Path(dest).expanduser()
     if out.is_dir():
         out = out / Path(source).name
+    if not out.parent.is_dir():
+        raise InputError(f"La carpeta «{out.parent}» no existe en el anfitrión.",
+                         "Copia a una carpeta que exista (o créala antes con mkdir -p).")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise InputError(f"Ya existe «{out}» en el anfitrión y no se sobrescribe.",
+                         "Elige otro nombre de destino, bórralo antes o pasa overwrite=True.")
+    if out.is_dir():
+        raise InputError(f"«{out}» es una carpeta.", "Da como destino un fichero o una carpeta donde no exista ese nombre.")
     remote = guest_sha256(guest, source)
     digest = hashlib.sha256()
     start = time.monotonic()
@@ -181,8 +194,9 @@ def copy_from_guest(guest: _Agent, source: str, dest: str | os.PathLike[str], *,
     handle = guest.agent(command, **arguments)
     shown = [_shown(command, arguments)]
     chunks = size = 0
+    partial = out.with_name(f".{out.name}.labkit-parcial")
     try:
-        with open(out, "wb") as f:
+        with open(partial, "wb") as f:
             while True:
                 command, arguments = read_message(handle, chunk)
                 answer = guest.agent(command, **arguments)
@@ -195,6 +209,9 @@ def copy_from_guest(guest: _Agent, source: str, dest: str | os.PathLike[str], *,
                 chunks += 1
                 if answer.get("eof") or not data:
                     break
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
         command, arguments = close_message(handle)
         guest.agent(command, **arguments)
@@ -203,5 +220,7 @@ def copy_from_guest(guest: _Agent, source: str, dest: str | os.PathLike[str], *,
     copy = FileCopy("desde el invitado", out, source, size, digest.hexdigest(), remote, seconds, chunks,
                     (f"sha256sum {source}   (en el invitado)",) + tuple(shown), getattr(guest, "backend", "qemu"))
     if not copy.ok:
+        partial.unlink(missing_ok=True)
         raise ChecksumMismatch(f"La copia de «{source}» llegó distinta al anfitrión.", "Repite la copia.")
+    os.replace(partial, out)
     return copy

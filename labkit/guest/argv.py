@@ -15,7 +15,8 @@ from ..errors import InputError
 from .spec import AGENT_PORT, VDAGENT_PORT, GuestSpec, ShareSpec, UsbSpec, has_usb, needs_shared_memory
 
 __all__ = ["BootFiles", "Runtime", "qopt", "opts", "build_argv", "kernel_cmdline", "shell_line", "QEMU",
-           "share_args", "usb_device_args", "usb_device_props", "shared_memory_args", "VIRTIOFSD", "XHCI_ID"]
+           "share_args", "usb_device_args", "usb_device_props", "shared_memory_args", "VIRTIOFSD", "XHCI_ID",
+           "SANDBOX"]
 
 #: The virtiofs daemon that ships with QEMU 7.2 on Debian 12 (the C one; later: the Rust virtiofsd).
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -87,6 +88,11 @@ class Runtime:
         return self.directory / f"vfs-{tag}.sock"
 
 
+#: QEMU's seccomp filter, as libvirt turns it on: no obsolete system calls, no setuid, no fork/exec,
+#: no changes to scheduling or CPU affinity. ``-sandbox`` is only added when the QEMU binary has it.
+SANDBOX = opts("on", obsolete="deny", elevateprivileges="deny", spawn="deny", resourcecontrol="deny")
+
+
 def kernel_cmdline(spec: GuestSpec, accel: str, tsc_khz: int | None = None) -> str:
     """The guest kernel's command line: quiet, fast under TCG, and the user's extra options last."""
     parts = ["console=ttyS0", "quiet", "panic=-1", "cryptomgr.notests", "rodata=off", "mitigations=off"]
@@ -114,8 +120,9 @@ def _bus(spec: GuestSpec) -> str:
 
 
 def build_argv(spec: GuestSpec, accel: str, boot: BootFiles, runtime: Runtime, *,
-               tsc_khz: int | None = None, binary: str = QEMU) -> list[str]:
-    """The exact QEMU command line for ``spec`` under ``accel`` ("kvm" or "tcg")."""
+               tsc_khz: int | None = None, binary: str = QEMU, sandbox: bool = False) -> list[str]:
+    """The exact QEMU command line for ``spec`` under ``accel`` ("kvm" or "tcg"); ``sandbox``: add
+    ``-sandbox`` (:data:`SANDBOX`, QEMU's seccomp filter) when this QEMU supports it."""
     if accel not in ("kvm", "tcg"):
         raise InputError(f"Acelerador no válido para QEMU: «{accel}».", "Resuelve «auto» antes: kvm o tcg.")
     bus = _bus(spec)
@@ -161,6 +168,8 @@ def build_argv(spec: GuestSpec, accel: str, boot: BootFiles, runtime: Runtime, *
         argv += ["-device", opts("qemu-xhci", id=XHCI_ID)]
         for i, usb in enumerate(spec.usb):
             argv += usb_device_args(usb, i)
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
     return argv
 
 

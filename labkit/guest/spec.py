@@ -7,6 +7,7 @@ start it.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -28,12 +29,16 @@ SHARE_KINDS = ("9p", "virtiofs")
 #: virtio-9p security models (QEMU ``-fsdev local,security_model=...``), safest default first.
 SECURITY_MODELS = ("mapped-xattr", "mapped-file", "passthrough", "none")
 USB_KINDS = ("storage", "keyboard", "tablet", "mouse", "host")
-_UNITS = {"": 1, "M": 1, "MB": 1, "MIB": 1, "G": 1024, "GB": 1024, "GIB": 1024}
+_UNITS = {"": 1, "M": 1, "MB": 1, "MIB": 1, "G": 1024, "GB": 1024, "GIB": 1024, "T": 1 << 20, "TB": 1 << 20,
+          "TIB": 1 << 20}
 
 
 def labkit_name(value: object, what: str = "invitado") -> str:
     """A valid guest/domain name, always with the ``labkit-`` prefix (so cleanup can find it)."""
-    name = str(value)
+    if not isinstance(value, str):
+        raise InputError(f"Nombre de {what} no válido: {value!r} no es un texto.",
+                         "Usa un texto con letras, dígitos, «.», «-» o «_», p. ej. name=\"prueba\".")
+    name = value
     if not _NAME.fullmatch(name):
         raise InputError(f"Nombre de {what} no válido: «{value}».",
                          "Usa solo letras, dígitos, «.», «-» o «_» (sin espacios ni «/»).")
@@ -85,6 +90,9 @@ class DiskSpec:
             raise InputError(f"Formato de disco no válido: «{self.format}».", "Usa «raw» o «qcow2».")
         if not self.path:
             raise InputError("Falta la ruta del disco.", "Indica el fichero de la imagen.")
+        if "\n" in str(self.path) or "\0" in str(self.path):
+            raise InputError(f"Ruta de disco no válida: {str(self.path)!r}.",
+                             "QEMU no admite saltos de línea en una ruta: renombra la imagen.")
         if self.serial and not re.fullmatch(r"[A-Za-z0-9_-]{1,20}", self.serial):
             raise InputError(f"Número de serie no válido: «{self.serial}».",
                              "Usa hasta 20 letras, dígitos, «-» o «_».")
@@ -130,7 +138,8 @@ class ShareSpec:
         if not self.path or "\0" in str(self.path) or "\n" in str(self.path):
             raise InputError("Falta la ruta de la carpeta compartida (o no es válida).",
                              "Indica una carpeta del anfitrión, p. ej. /srv/compartida.")
-        object.__setattr__(self, "path", str(self.path))
+        # absolute now: QEMU, virtiofsd and libvirt do not share this process's working directory
+        object.__setattr__(self, "path", os.path.abspath(os.path.expanduser(str(self.path))))
         if self.kind not in SHARE_KINDS:
             raise InputError(f"Tipo de carpeta compartida no válido: «{self.kind}».", "Usa «9p» o «virtiofs».")
         if self.security_model not in SECURITY_MODELS:
@@ -181,6 +190,20 @@ class UsbSpec:
                     raise InputError(f"{name} no válido: {value!r}.", f"Usa un entero entre 0 y {limit}.")
 
 
+def _device_tuple(value: object, slot: str, kind: type) -> tuple:
+    """The devices given for ``slot`` as a tuple of ``kind``; a clear error for anything else."""
+    items = (value,) if isinstance(value, kind) else value
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise InputError(f"{slot}= debe ser una lista de {kind.__name__}, no {value!r}.",
+                         f"Escribe p. ej. {slot}=[{kind.__name__}(...)] (una lista, aunque sea de uno).")
+    items = tuple(items)
+    wrong = [x for x in items if not isinstance(x, kind)]
+    if wrong:
+        raise InputError(f"En {slot}= hay algo que no es un {kind.__name__}: {wrong[0]!r}.",
+                         f"Crea cada elemento con {kind.__name__}(...).")
+    return items
+
+
 @dataclass(frozen=True)
 class GuestSpec:
     """A guest: name (always ``labkit-`` prefixed), memory (MiB), vCPUs, accelerator, machine,
@@ -210,17 +233,20 @@ class GuestSpec:
                                                         "Indica un entero entre 1 y 64, p. ej. 1 o 2."))
         if self.vcpus > 64:
             raise InputError(f"Demasiadas vCPU: {self.vcpus}.", "Usa entre 1 y 64.")
+        if isinstance(self.accel, str):
+            object.__setattr__(self, "accel", self.accel.strip().lower())
         if self.accel not in ACCELERATORS:
             raise InputError(f"Acelerador no válido: «{self.accel}».", "Usa «auto», «kvm» o «tcg».")
         if self.machine not in MACHINES:
             raise InputError(f"Tipo de máquina no válido: «{self.machine}».", "Usa «microvm», «q35» o «pc».")
+        if not isinstance(self.cmdline, str):
+            raise InputError(f"La línea de órdenes del kernel debe ser un texto, no {self.cmdline!r}.",
+                             "Escribe las opciones separadas por espacios, p. ej. cmdline=\"loglevel=7\".")
         if "\n" in self.cmdline or "\0" in self.cmdline:
             raise InputError("La línea de órdenes del kernel no puede tener saltos de línea.",
                              "Escribe las opciones separadas por espacios.")
-        object.__setattr__(self, "disks", tuple(self.disks))
-        object.__setattr__(self, "channels", tuple(self.channels))
-        object.__setattr__(self, "shares", tuple(self.shares))
-        object.__setattr__(self, "usb", tuple(self.usb))
+        for slot, kind in (("disks", DiskSpec), ("channels", ChannelSpec), ("shares", ShareSpec), ("usb", UsbSpec)):
+            object.__setattr__(self, slot, _device_tuple(getattr(self, slot), slot, kind))
         tags = [s.tag for s in self.shares]
         if len(set(tags)) != len(tags):
             raise InputError("Hay carpetas compartidas con la misma etiqueta.", "Da a cada una un tag distinto.")

@@ -52,9 +52,10 @@ class HostPanel(W.VBox):
         self._prober = prober
         self.report = report if report is not None else prober()
         self.verdict = W.HTML()
-        self.filter = W.ToggleButtons(options=list(FILTERS), value="todas", description="Mostrar:")
+        self.filter = W.ToggleButtons(options=list(FILTERS), value="todas", description="Mostrar:",
+                                      style={"button_width": "auto"})
         self.table = W.HTML()
-        self.refresh = W.Button(description="Volver a comprobar", icon="refresh")
+        self.refresh = W.Button(description="Volver a comprobar", icon="refresh", layout=W.Layout(width="auto"))
         self.summary = W.Label()
         self.filter.observe(lambda _change: self._render(), names="value")
         self.refresh.on_click(lambda _b: self.update(self._prober()))
