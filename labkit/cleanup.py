@@ -5,6 +5,7 @@ Four kinds of leftovers, all named with the ``labkit-`` prefix:
 1. libvirt domains (``labkit-*``): destroyed, and undefined (with their NVRAM) if persistent;
 2. QEMU processes started with ``-name labkit-...`` by the QEMU-direct runner;
 3. runtime dirs (sockets, console logs) under labkit's runtime base and /run/labkit-libvirt.
+4. work dirs of a ``labkit bench`` that was killed (with its test disk image), in /var/tmp.
 
 A guest whose owner process (the notebook kernel or script that started it) is still
 alive is left alone, unless ``everything=True`` (``labkit cleanup --all``).
@@ -150,4 +151,9 @@ def cleanup(everything: bool = False, uri: str = "qemu:///system") -> list[str]:
         if base.is_dir():
             for directory in sweep_stale(base):
                 lines.append(f"Directorio temporal {directory}: borrado.")
+    # 4. work dirs of a killed ``labkit bench`` (its test disk image)
+    from .bench.runner import sweep_stale_workdirs
+
+    for directory in sweep_stale_workdirs():
+        lines.append(f"Directorio de trabajo de labkit bench {directory}: borrado.")
     return lines

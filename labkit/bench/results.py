@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, os_reason
 from .stats import NOISE_LIMIT, bootstrap_median, paired_ratios, summarize
 
 __all__ = ["CSV_FIELDS", "SCHEMA", "BenchResults", "Config", "host_metadata", "load", "summarize_samples"]
@@ -222,7 +222,7 @@ def load(path: str | os.PathLike[str], *, label: str | None = None) -> BenchResu
     try:
         data = json.loads(p.read_text())
     except OSError as err:
-        raise InputError(f"No se puede leer «{p}»: {err.strerror}.", "Comprueba la ruta.") from err
+        raise InputError(f"No se puede leer «{p}»: {os_reason(err)}.", "Comprueba la ruta.") from err
     except json.JSONDecodeError as err:
         raise InputError(f"«{p}» no es JSON válido ({err.msg}, línea {err.lineno}).",
                          "¿Es el fichero que escribió labkit bench --json?") from err

@@ -25,7 +25,7 @@ from .boot import boot_floor, build_floor_initramfs
 from .results import SCHEMA, BenchResults, Config, host_metadata, summarize_samples
 from .stats import NOISE_LIMIT
 
-__all__ = ["DISK_SERIAL", "TAG", "Progress", "configs_here", "other_qemus", "run"]
+__all__ = ["DISK_SERIAL", "TAG", "Progress", "configs_here", "other_qemus", "run", "sweep_stale_workdirs"]
 
 TAG = "labkit-bench"
 DISK_SERIAL = "LKBENCH"
@@ -69,11 +69,26 @@ def _make_image(path: Path, size: int) -> None:
         os.fsync(fh.fileno())
 
 
+def _bench_bases() -> list[Path]:
+    return [Path(base) for base in dict.fromkeys(("/var/tmp", tempfile.gettempdir()))]
+
+
+def sweep_stale_workdirs() -> list[Path]:
+    """Remove the work dirs (test disk image, boot files) of a bench whose process died (``kill -9``)."""
+    from ..guest.runner import sweep_stale
+
+    return [d for base in _bench_bases() if base.is_dir() for d in sweep_stale(base)]
+
+
 def _bench_dir() -> Path:
-    """A temp dir on a disk file system (O_DIRECT works there; not on tmpfs with older kernels)."""
-    for base in ("/var/tmp", tempfile.gettempdir()):
+    """A temp dir on a disk file system (O_DIRECT works there; not on tmpfs with older kernels), with
+    the owner's pid so that :func:`sweep_stale_workdirs` (next run, ``labkit cleanup``) can remove it."""
+    sweep_stale_workdirs()
+    for base in _bench_bases():
         if os.access(base, os.W_OK):
-            return Path(tempfile.mkdtemp(prefix=f"{TAG}-", dir=base))
+            workdir = Path(tempfile.mkdtemp(prefix=f"{TAG}-", dir=base))
+            (workdir / "owner.pid").write_text(str(os.getpid()))
+            return workdir
     raise InputError("No hay un directorio temporal escribible.", "Revisa /var/tmp y $TMPDIR.")
 
 
@@ -149,6 +164,8 @@ def run(*, mode: str = "quick", rounds: int | None = None, warmup: int = 1,
     boot_rounds = boot_rounds if boot_rounds is not None else (2 if mode == "quick" else 5)
     if rounds < 1 or warmup < 0:
         raise InputError("Hacen falta al menos 1 ronda y 0 o más de calentamiento.", "Usa rounds=3, warmup=1.")
+    if boot_rounds < 0:
+        raise InputError(f"Número de arranques no válido: {boot_rounds}.", "Usa 0 o más, p. ej. boot_rounds=2.")
     chosen = list(wl.WORKLOADS)
     if workloads is not None:
         known = {w.name: w for w in wl.WORKLOADS}

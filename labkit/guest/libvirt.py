@@ -27,6 +27,7 @@ through ``virDomainQemuAgentCommand`` (``virsh qemu-agent-command``).
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import json
 import math
@@ -56,6 +57,7 @@ from .runner import (
     _alive,
     choose_accel,
     host_tsc_khz,
+    preflight,
     sweep_stale,
 )
 from .spec import PREFIX, GuestSpec
@@ -66,6 +68,7 @@ __all__ = [
     "LOG_DIR",
     "PID_DIR",
     "RUNTIME_DIR",
+    "ConnectionLost",
     "DomainDied",
     "DomainNameTaken",
     "FileAccessError",
@@ -92,6 +95,8 @@ LOG_DIR = Path("/var/log/libvirt/qemu")
 PID_DIR = Path("/run/libvirt/qemu")
 _SETUP_HINT = ("Arráncalo con ./lab setup (que ejecuta «virtlogd -d; libvirtd -d») o, con systemd, "
                "sudo systemctl start libvirtd.")
+_RESTART_HINT = ("libvirtd se reinició o se paró: vuelve a intentarlo en unos segundos. labkit se reconecta solo y "
+                 "el dominio sigue en marcha (QEMU no se para con libvirtd). Si libvirtd no vuelve: " + _SETUP_HINT)
 
 
 class LibvirtError(GuestError):
@@ -100,6 +105,10 @@ class LibvirtError(GuestError):
 
 class LibvirtUnavailable(LibvirtError):
     """libvirtd cannot be reached (not running, wrong socket)."""
+
+
+class ConnectionLost(LibvirtUnavailable):
+    """The connection to libvirtd broke (it restarted or stopped); the next call reconnects."""
 
 
 class LibvirtPermissionError(LibvirtError):
@@ -313,18 +322,43 @@ def _tail(path: Path, lines: int = 12) -> list[str]:
         return []
 
 
-def _destroy_at_exit(conn: Any, name: str, directory: Path) -> None:
-    """weakref.finalize target: must not reference the guest object."""
+def _connection_alive(conn: Any) -> bool:
+    """False once libvirt has seen the connection break (libvirtd restarted or stopped)."""
     libvirt = _libvirt()
     try:
-        conn.lookupByName(name).destroy()
+        return conn is not None and bool(conn.isAlive())
     except libvirt.libvirtError:
-        pass
-    shutil.rmtree(directory, ignore_errors=True)
+        return False
+
+
+def _close(conn: Any) -> None:
+    libvirt = _libvirt()
     try:
         conn.close()
     except libvirt.libvirtError:
         pass
+
+
+def _destroy_at_exit(conn: Any, name: str, directory: Path, uri: str = DEFAULT_URI) -> None:
+    """weakref.finalize target: must not reference the guest object. A connection broken by a
+    libvirtd restart is opened again (the domain outlives the restart)."""
+    libvirt = _libvirt()
+    for retry in (False, True):
+        try:
+            conn.lookupByName(name).destroy()
+            break
+        except libvirt.libvirtError:
+            if retry or _connection_alive(conn):
+                break  # already gone
+            _close(conn)
+            try:
+                conn = connect(uri)
+            except LibvirtError:
+                conn = None  # libvirtd is down: «labkit cleanup» removes the domain once we are gone
+                break
+    shutil.rmtree(directory, ignore_errors=True)
+    if conn is not None:
+        _close(conn)
 
 
 class _LibvirtAgent:
@@ -345,6 +379,9 @@ class _LibvirtAgent:
         except libvirt.libvirtError as err:
             code = err.get_error_code()
             text = err.get_error_message() or str(err)
+            if not _connection_alive(self._dom.connect()):
+                raise ConnectionLost(f"Se perdió la conexión con libvirtd mientras se enviaba «{command}» al "
+                                     f"agente: {text}", _RESTART_HINT) from err
             if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
                 raise AgentError(f"El agente del invitado no responde: {text}",
                                  "El invitado puede seguir arrancando o estar colgado: mira console_log().") from err
@@ -380,6 +417,7 @@ class LibvirtGuest:
         self._xml_file: Path | None = None
         self._conn: Any = None
         self._dom: Any = None
+        self._uuid = ""
         self._directory: Path | None = None
         self._agent: _LibvirtAgent | None = None
         self._finalizer: Any = None
@@ -397,13 +435,58 @@ class LibvirtGuest:
 
     @property
     def running(self) -> bool:
-        if self._dom is None:
-            return False
+        """True while the domain runs. After a libvirtd restart it reconnects first; while libvirtd is
+        down it raises :class:`ConnectionLost` (it cannot know)."""
+        return self._dom is not None and self._active()
+
+    def _active(self) -> bool:
         libvirt = _libvirt()
         try:
             return bool(self._dom.isActive())
+        except libvirt.libvirtError as err:
+            if _connection_alive(self._conn):
+                return False
+            self._reconnect(err)
+        try:
+            return self._dom is not None and bool(self._dom.isActive())
+        except libvirt.libvirtError as err:
+            raise ConnectionLost(f"libvirtd dejó de responder otra vez: {err.get_error_message()}",
+                                 _RESTART_HINT) from err
+
+    def _reconnect(self, cause: Exception) -> None:
+        """A new connection after libvirtd restarted, and the same domain found again by UUID (a transient
+        domain survives the restart: QEMU keeps running and the new libvirtd takes it back)."""
+        libvirt = _libvirt()
+        try:
+            conn = connect(self.uri)
+        except LibvirtError as err:
+            raise ConnectionLost(f"Se perdió la conexión con libvirtd y aún no responde: {err.message}",
+                                 _RESTART_HINT) from cause
+        try:
+            dom = conn.lookupByUUIDString(self._uuid)
         except libvirt.libvirtError:
-            return False
+            dom = None
+        _close(self._conn)
+        self._conn = conn
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _destroy_at_exit, conn, self.name, self._directory, self.uri)
+        if dom is None:  # it stopped while libvirtd was away
+            self._progress(f"libvirtd se reinició y el dominio «{self.name}» ya no existe.")
+            self._dom = None
+            self._stop_domain()
+            return
+        self._dom = dom
+        if self._agent is not None:
+            self._agent._dom = dom
+            deadline = time.monotonic() + 30  # libvirtd reattaches to qemu-ga a moment after taking the domain back
+            while time.monotonic() < deadline:
+                try:
+                    self._agent.execute("guest-ping", timeout=1)
+                    break
+                except AgentError:
+                    time.sleep(0.05)
+        self._progress(f"libvirtd se reinició: reconectado; el dominio «{self.name}» sigue en marcha.")
 
     @property
     def pid(self) -> int | None:
@@ -442,18 +525,22 @@ class LibvirtGuest:
         for directory in (IMAGES_DIR, target):
             directory.chmod(0o755)
         staged = []
-        for source in (boot.kernel, boot.initrd):
-            dest = target / source.name
-            if not (dest.exists() and os.path.samestat(dest.stat(), source.stat())):
-                tmp = target / f".{source.name}.tmp"
-                tmp.unlink(missing_ok=True)
-                try:
-                    os.link(source, tmp)
-                except OSError:
-                    shutil.copyfile(source, tmp)
-                tmp.chmod(0o644)
-                tmp.replace(dest)
-            staged.append(dest)
+        # one stager at a time (guests started together share the temp names); the kernel drops the lock
+        # when its holder dies, even by kill -9
+        with open(target / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for source in (boot.kernel, boot.initrd):
+                dest = target / source.name
+                if not (dest.exists() and os.path.samestat(dest.stat(), source.stat())):
+                    tmp = target / f".{source.name}.tmp"
+                    tmp.unlink(missing_ok=True)
+                    try:
+                        os.link(source, tmp)
+                    except OSError:
+                        shutil.copyfile(source, tmp)
+                    tmp.chmod(0o644)
+                    tmp.replace(dest)
+                staged.append(dest)
         return qargv.BootFiles(staged[0], staged[1])
 
     def _check_access(self, files: Sequence[Path] = (), images: Sequence[Path] = ()) -> None:
@@ -477,7 +564,7 @@ class LibvirtGuest:
             RUNTIME_DIR.mkdir(mode=0o755, exist_ok=True)
             directory = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=RUNTIME_DIR))
             os.chown(directory, user.pw_uid, user.pw_gid)
-            directory.chmod(0o750)
+            directory.chmod(0o700)  # its sockets (agent, channels, VNC) are for QEMU and root only
         else:
             from .runner import runtime_base
 
@@ -495,6 +582,7 @@ class LibvirtGuest:
     def start(self) -> LibvirtGuest:
         if self.running:
             return self
+        preflight(self.spec)
         libvirt = _libvirt()
         conn = connect(self.uri)
         for name, what in sweep_stale_domains(conn):
@@ -542,15 +630,18 @@ class LibvirtGuest:
                                   "Mira el XML con xml() y el registro "
                                   f"{LOG_DIR / (self.name + '.log')}.") from err
         self.create_seconds = time.monotonic() - start
-        self._dom = dom
-        self._finalizer = weakref.finalize(self, _destroy_at_exit, conn, self.name, directory)
+        self._dom, self._uuid = dom, dom.UUIDString()
+        self._finalizer = weakref.finalize(self, _destroy_at_exit, conn, self.name, directory, self.uri)
         (directory / "qemu.pid").write_text(str(self.pid or ""))
         agent = _LibvirtAgent(dom)
         try:
             # the bound starts once the domain runs: createXML may first re-probe QEMU
             self._wait_agent(agent, time.monotonic() + self.boot_timeout)
-        except GuestStartError:
-            self._stop_domain()
+        except (GuestStartError, ConnectionLost):
+            try:
+                self._stop_domain()
+            except ConnectionLost:
+                pass  # libvirtd is down: the finalizer (or «labkit cleanup» once we are gone) removes it
             raise
         self._agent = agent
         self.boot_seconds = time.monotonic() - start
@@ -581,6 +672,8 @@ class LibvirtGuest:
         return "\n".join(parts)
 
     def _stop_domain(self) -> None:
+        if self._dom is not None:
+            self._active()  # reconnects after a libvirtd restart; ConnectionLost while it is down (call stop() again)
         if self._directory is not None:
             try:
                 self._last_console = (self._directory / "console.log").read_text(errors="replace")
@@ -632,6 +725,9 @@ class LibvirtGuest:
         try:
             answer = json.loads(libvirt_qemu.qemuMonitorCommand(self._dom, self._qmp_json(command, arguments), 0))
         except libvirt.libvirtError as err:
+            if not _connection_alive(self._conn):
+                raise ConnectionLost(f"Se perdió la conexión con libvirtd mientras se enviaba «{command}» a QEMU: "
+                                     f"{err.get_error_message()}", _RESTART_HINT) from err
             raise GuestError(f"libvirt no pudo enviar «{command}» a QEMU: {err.get_error_message()}",
                              "Comprueba que el invitado sigue en marcha.") from err
         if "error" in answer:
@@ -733,7 +829,7 @@ class LibvirtGuest:
             raise GuestError("Este dominio no tiene controlador USB y libvirt no permite añadirlo en caliente.",
                              "Arráncalo con GuestSpec(usb_controller=True): <controller type='usb' "
                              "model='qemu-xhci'/>.")
-        path = Path(image).expanduser().resolve() if image else None
+        path = dd._image_path(image, must_exist=True).resolve() if image else None
         if path is not None:
             self._check_access(images=[path])
         if kind == "storage" and serial is None:
@@ -802,7 +898,7 @@ class LibvirtGuest:
         from ..devices import disks as dd
 
         libvirt = _libvirt()
-        path = Path(image).expanduser().resolve()
+        path = dd._image_path(image, must_exist=True).resolve()
         self._check_access(images=[path])
         fmt = format or dd.info(path).format
         serial = dd.check_serial(serial) if serial else dd.new_serial()
@@ -939,5 +1035,8 @@ class LibvirtGuest:
         return "\n".join([self.virsh_line("create"), self.virsh_line("destroy")])
 
     def __repr__(self) -> str:
-        state = "en marcha" if self.running else "parado"
+        try:
+            state = "en marcha" if self.running else "parado"
+        except LibvirtError:
+            state = "sin conexión con libvirtd"
         return f"<LibvirtGuest {self.name} ({state}, acelerador {self.accel or '?'}, {self.uri})>"

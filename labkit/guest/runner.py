@@ -5,7 +5,7 @@
         g.qmp("query-kvm")
 
 QEMU is started so that it dies with the process that started it (the Linux
-parent-death signal, set by ``setpriv --pdeathsig``), even after a ``kill -9``
+parent-death signal, PR_SET_PDEATHSIG, set in the child before exec), even after a ``kill -9``
 of a notebook kernel. Its sockets and logs live in a private temp dir that
 ``stop()`` removes.
 """
@@ -13,10 +13,13 @@ of a notebook kernel. Its sockets and logs live in a private temp dir that
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -26,13 +29,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..errors import HostError, InputError, ToolMissingError
+from ..errors import HostError, InputError, ToolMissingError, os_reason
 from . import argv as qargv
 from .agent import AgentClient, AgentError, decode_exec_status
 from .spec import GuestSpec
 
 __all__ = ["Guest", "CommandResult", "GuestError", "GuestStartError", "CommandTimeout", "CommandFailed",
-           "choose_accel", "runtime_base", "host_tsc_khz", "sweep_stale", "spawn_qemu", "spawn_dying_with_us", "terminate_qemu"]
+           "choose_accel", "runtime_base", "host_tsc_khz", "sweep_stale", "spawn_qemu", "spawn_dying_with_us",
+           "terminate_qemu", "check_command", "sandbox_supported", "host_memory_mib", "preflight"]
 
 
 class GuestError(HostError):
@@ -75,8 +79,86 @@ def runtime_base() -> Path:
     """Where guests keep sockets: $XDG_RUNTIME_DIR/labkit, else /tmp/labkit-<uid>."""
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(xdg) / "labkit" if xdg and Path(xdg).is_dir() else Path(tempfile.gettempdir()) / f"labkit-{os.getuid()}"
-    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        pass  # a file or a dangling symlink: refused just below
+    st = base.lstat()
+    # /tmp is shared: another user could have made /tmp/labkit-<uid> first (or a symlink) to reach our sockets
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise HostError(f"«{base}» no es una carpeta tuya (es un enlace o pertenece a otro usuario): quien la "
+                        "controle podría conectarse a los sockets de tus invitados.",
+                        f"Bórrala (como root: rm -r {base}) o define XDG_RUNTIME_DIR con una carpeta tuya.")
+    if st.st_mode & 0o077:
+        base.chmod(0o700)
     return base
+
+
+#: qemu-ga's (GLib's) words when execve fails in the guest, e.g. "... child process “x” (No such file or directory)"
+_EXEC_FAILED = re.compile(r"Failed to execute child process .(?:.*?). \((.*)\)")
+#: Linux refuses an argument longer than MAX_ARG_STRLEN (32 pages) with E2BIG; labkit also caps the whole argv.
+MAX_ARG_BYTES = 128 * 1024
+MAX_ARGV_BYTES = 1024 * 1024
+_TOO_LONG_HINT = "Pasa los datos por la entrada estándar (input=...) o copia un fichero con copy_to_guest()."
+
+
+def check_command(argv: Sequence[str]) -> None:
+    """Refuse what qemu-ga cannot hand to execve unchanged: a NUL byte (qemu-ga would turn it into
+    two other bytes), text that is not UTF-8 (its JSON parser rejects it), arguments that are too long."""
+    total = 0
+    for arg in argv:
+        if "\0" in arg:
+            raise InputError("La orden contiene un byte NUL (\\0): un argumento de un programa no puede tenerlo.",
+                             "Quítalo; para pasar datos binarios usa input=bytes o copy_to_guest().")
+        try:
+            size = len(arg.encode())
+        except UnicodeEncodeError:
+            raise InputError("La orden contiene bytes que no son UTF-8 (p. ej. un nombre de fichero leído con "
+                             "os.fsdecode): el agente del invitado solo acepta texto UTF-8.",
+                             "Escribe la orden en UTF-8 (renombra el fichero) o pasa los datos por "
+                             "input=bytes.") from None
+        if size >= MAX_ARG_BYTES:
+            raise InputError(f"Un argumento de la orden ocupa {size} bytes: Linux no admite argumentos de 128 KiB "
+                             "o más (MAX_ARG_STRLEN).", _TOO_LONG_HINT)
+        total += size + 1
+    if total > MAX_ARGV_BYTES:
+        raise InputError(f"La orden ocupa {total} bytes con todos sus argumentos: labkit no pasa de 1 MiB.",
+                         _TOO_LONG_HINT)
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_supported(binary: str = qargv.QEMU) -> bool:
+    """Whether this QEMU has its seccomp filter (``-sandbox``): it parses the option before ``-version``
+    and exits 0, or refuses the option (built without seccomp) and exits 1."""
+    try:
+        proc = subprocess.run([binary, "-sandbox", qargv.SANDBOX, "-version"], capture_output=True, timeout=30,
+                              check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+def host_memory_mib(meminfo: str | None = None) -> int | None:
+    """The host's memory (MemTotal) in MiB, or None when /proc/meminfo cannot be read."""
+    try:
+        text = Path("/proc/meminfo").read_text() if meminfo is None else meminfo
+    except OSError:
+        text = ""
+    m = re.search(r"^MemTotal:\s+(\d+) kB", text, re.M)
+    return int(m.group(1)) // 1024 if m else None
+
+
+def preflight(spec: GuestSpec) -> None:
+    """What can be checked before QEMU starts (both backends): the memory fits in the host, and every
+    disk or USB image given at boot exists and is a file."""
+    from ..devices.disks import _image_path
+
+    total = host_memory_mib()
+    if total is not None and spec.memory > total:
+        raise InputError(f"El invitado pide {spec.memory} MiB de memoria y este equipo solo tiene {total} MiB.",
+                         "Pide menos memoria: al invitado del curso le bastan 256 MiB (GuestSpec(memory=\"256M\")).")
+    for path in [d.path for d in spec.disks] + [u.image for u in spec.usb if u.kind == "storage"]:
+        _image_path(path, must_exist=True)
 
 
 def host_tsc_khz(cpuinfo: str | None = None) -> int | None:
@@ -138,21 +220,46 @@ _spawner: Any = None
 _spawner_lock = threading.Lock()
 
 
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that sets PR_SET_PDEATHSIG=SIGKILL in the child and exits if we already died.
+
+    ``setpriv --pdeathsig`` alone has a window: if the owner dies between fork and setpriv's
+    prctl, the child is never signalled and QEMU lives on as an orphan (seen in 21 of 30 tight
+    spawn-and-kill runs). Checking getppid() right after prctl closes it. The function is built
+    here, before the fork, so the child only makes two system calls.
+    """
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    getppid, exit_now = os.getppid, os._exit
+
+    def preexec() -> None:
+        if prctl(1, signal.SIGKILL, 0, 0, 0) != 0 or getppid() != parent:  # 1 = PR_SET_PDEATHSIG
+            exit_now(127)
+
+    return preexec
+
+
 def spawn_dying_with_us(argv: list[str], **popen: Any) -> subprocess.Popen:
     """Popen(argv) so that the kernel SIGKILLs the child when this process dies, even by kill -9.
 
-    ``setpriv --pdeathsig`` sets PR_SET_PDEATHSIG, which fires when the *thread* that forked
-    the child ends, not the process. A guest started from a worker thread (a thread pool,
-    a widget callback) would die with that thread; so every fork happens in one daemon
-    thread that lives as long as the process.
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process. A
+    guest started from a worker thread (a thread pool, a widget callback) would die with that
+    thread; so every fork happens in one thread that lives as long as the process.
     """
     global _spawner
-    setpriv = shutil.which("setpriv")
-    wrapped = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+    preexec = _pdeathsig_preexec()
+    if preexec is None:  # no ctypes/prctl: setpriv does it (with the small window above)
+        setpriv = shutil.which("setpriv")
+        argv = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
     with _spawner_lock:
         if _spawner is None:
             _spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="labkit-spawn")
-    return _spawner.submit(subprocess.Popen, wrapped, close_fds=True, **popen).result()
+    return _spawner.submit(subprocess.Popen, argv, close_fds=True, preexec_fn=preexec, **popen).result()
 
 
 def spawn_qemu(argv: list[str], stderr: Any, interactive: bool) -> subprocess.Popen:
@@ -213,7 +320,7 @@ class Guest:
     @property
     def pid(self) -> int | None:
         """PID of the QEMU process (the guest, as the host sees it)."""
-        # setpriv execs QEMU, so the child's pid is QEMU's
+        # the child execs QEMU (directly, or through setpriv), so the child's pid is QEMU's
         return self._proc.pid if self._proc is not None else None
 
     @property
@@ -231,6 +338,7 @@ class Guest:
     def start(self) -> "Guest":
         if self.running:
             return self
+        preflight(self.spec)
         if shutil.which(self._binary) is None:
             raise ToolMissingError(self._binary, "qemu-system-x86")
         boot = self._boot_files()
@@ -252,10 +360,11 @@ class Guest:
         directory = Path(tempfile.mkdtemp(prefix=f"{self.spec.name}-", dir=runtime_base()))
         (directory / "owner.pid").write_text(str(os.getpid()))
         runtime = qargv.Runtime(directory, console=self._console)
-        self.argv = qargv.build_argv(self.spec, accel, boot, runtime,
-                                     tsc_khz=host_tsc_khz() if accel == "tcg" else None, binary=self._binary)
         start = time.monotonic()
         try:
+            self.argv = qargv.build_argv(self.spec, accel, boot, runtime,
+                                         tsc_khz=host_tsc_khz() if accel == "tcg" else None, binary=self._binary,
+                                         sandbox=sandbox_supported(self._binary))
             self._start_share_daemons(runtime)
         except Exception:
             shutil.rmtree(directory, ignore_errors=True)
@@ -343,14 +452,25 @@ class Guest:
             if not command:
                 raise InputError("La orden está vacía.", "Indica un programa, p. ej. ['uname', '-r'].")
             path, args, shown = command[0], list(command[1:]), qargv.shell_line(list(command))
+        check_command([path, *args])
         extra: dict[str, Any] = {"capture-output": True}
         if input is not None:
             import base64
 
-            data = input.encode() if isinstance(input, str) else input
+            # stdin carries bytes: a str from os.fsdecode keeps its non-UTF-8 bytes
+            data = input.encode(errors="surrogateescape") if isinstance(input, str) else input
             extra["input-data"] = base64.b64encode(data).decode()
         start = time.monotonic()
-        pid = agent.execute("guest-exec", path=path, arg=args, **extra)["pid"]
+        try:
+            pid = agent.execute("guest-exec", path=path, arg=args, **extra)["pid"]
+        except AgentError as err:
+            m = _EXEC_FAILED.search(err.message)
+            if m is None:
+                raise
+            raise CommandFailed(f"El invitado no pudo ejecutar «{path}»: {os_reason(m.group(1))}.",
+                                "Comprueba el nombre del programa (este invitado solo tiene busybox: "
+                                "g.run(\"ls /bin /sbin\")); para una línea de shell, pasa una cadena y no una "
+                                "lista.") from err
         delay = 0.0005
         while True:
             status = decode_exec_status(agent.execute("guest-exec-status", pid=pid))
@@ -367,6 +487,12 @@ class Guest:
             delay = min(delay * 2, 0.02)
         result = CommandResult(shown, status.stdout.decode(errors="replace"), status.stderr.decode(errors="replace"),
                                status.exit_code, time.monotonic() - start, status.signal, status.truncated)
+        if result.truncated:
+            import warnings
+
+            warnings.warn(f"La salida de «{shown}» se ha cortado: qemu-ga devuelve como mucho 16 MiB por orden "
+                          "(result.truncated es True). Redirige la salida a un fichero del invitado y cópialo "
+                          "con labkit.devices.files.copy_from_guest.", stacklevel=2)
         if check and not result.ok:
             raise CommandFailed(f"La orden «{shown}» terminó con estado {result.exit_status}: "
                                 f"{result.stderr.strip()[:300]}", "Revisa la orden y su salida de error.")
@@ -384,6 +510,11 @@ class Guest:
 
         from .aio import run_sync
 
+        try:  # a str from os.fsdecode (bytes that are not UTF-8) would cost the QMP connection
+            json.dumps(arguments, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InputError(f"«{command}» lleva texto que no es UTF-8 (p. ej. una ruta con bytes no UTF-8): QMP "
+                             "solo admite UTF-8.", "Renombra el fichero con un nombre UTF-8 (mv) y repite.") from None
         if self._qmp is None:
             client = QMPClient(self.spec.name)
             run_sync(client.connect(str(self._runtime.qmp)), timeout=10)
@@ -401,10 +532,18 @@ class Guest:
         return self._last_console
 
     # ------------------------------------------------------------ disks (hot-plug)
-    def _hotplug_bus(self) -> str:
+    def _hotplug_bus(self, pci: bool = True) -> str:
+        """The bus a hot-plugged device goes on; ``pci=False``: only a device on a controller that is
+        already there (USB on the xHCI of the boot)."""
         if self.spec.machine == "microvm":
             raise GuestError("Una máquina microvm no tiene bus PCI: no admite conectar discos en caliente.",
-                             "Arranca el invitado con GuestSpec(machine=\"pc\") (o q35).")
+                             "Arranca el invitado con GuestSpec(machine=\"pc\").")
+        if pci and self.spec.machine == "q35":
+            # libvirt adds pcie-root-port slots to a q35 domain; this command line has none
+            raise GuestError("En una máquina q35 arrancada con QEMU directamente no se pueden conectar dispositivos "
+                             "PCI en caliente: su bus raíz (pcie.0) no lo admite y no hay puertos pcie-root-port.",
+                             "Arranca con GuestSpec(machine=\"pc\"), usa LibvirtGuest (que añade esos puertos) o, "
+                             "para USB, arranca con GuestSpec(usb_controller=True).")
         return "pci"
 
     def disks(self) -> list[Any]:
@@ -423,7 +562,7 @@ class Guest:
         from ..devices import disks as dd
 
         bus = self._hotplug_bus()
-        path = Path(image).expanduser().resolve()
+        path = dd._image_path(image, must_exist=True).resolve()
         fmt = format or dd.info(path).format
         serial = dd.check_serial(serial) if serial else dd.new_serial()
         file_node, node, device = dd.hotplug_names(serial)
@@ -636,8 +775,8 @@ class Guest:
         from ..devices import usb as du
         from .spec import UsbSpec, has_usb
 
-        self._hotplug_bus()
-        path = Path(image).expanduser().resolve() if image else None
+        self._hotplug_bus(pci=not has_usb(self.spec))
+        path = dd._image_path(image, must_exist=True).resolve() if image else None
         if kind == "storage" and serial is None:
             serial = dd.new_serial()
         spec = UsbSpec(kind, image=str(path or ""), serial=serial or "", readonly=readonly, hostbus=hostbus,
