@@ -2,7 +2,8 @@
 
 Exit status: 0 on success (for doctor: a guest can run here, with KVM or TCG),
 1 when it cannot be done (doctor: QEMU missing; guest: it did not build or
-boot), 2 for bad arguments or input.
+boot; course handouts: some notebook failed), 2 for bad arguments or input
+(course handouts: 130 when stopped with Ctrl-C).
 """
 
 from __future__ import annotations
@@ -16,14 +17,37 @@ from .errors import InputError, LabkitError
 __all__ = ["main"]
 
 
+#: argparse's English words (Python 3.11), most specific first.
+_ARGPARSE_ES = (("the following arguments are required", "faltan los argumentos"),
+                ("unrecognized arguments", "argumentos no reconocidos"),
+                ("invalid choice", "opción no válida"), ("choose from", "elige entre"),
+                ("expected one argument", "se esperaba un valor"),
+                ("expected at least one argument", "se esperaba al menos un valor"),
+                ("invalid int value", "no es un número entero"), ("invalid float value", "no es un número"),
+                ("ambiguous option", "opción ambigua"), ("could match", "puede ser"),
+                ("not allowed with argument", "no se puede usar con"),
+                ("ignored explicit argument", "sobra el valor"), ("argument ", "argumento "),
+                ("usage: ", "uso: "), ("positional arguments:", "argumentos:"), ("options:", "opciones:"),
+                ("show this help message and exit", "muestra esta ayuda y termina"))
+
+
+def _spanish(text: str) -> str:
+    for english, spanish in _ARGPARSE_ES:
+        text = text.replace(english, spanish)
+    return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its messages in Spanish and exit status 2 on bad arguments."""
 
+    def format_usage(self) -> str:
+        return _spanish(super().format_usage())
+
+    def format_help(self) -> str:
+        return _spanish(super().format_help())
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        message = (message.replace("the following arguments are required", "faltan los argumentos")
-                   .replace("unrecognized arguments", "argumentos no reconocidos")
-                   .replace("invalid choice", "opción no válida")
-                   .replace("expected one argument", "se esperaba un valor"))
+        message = _spanish(message)
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}\nPrueba «{self.prog} --help».\n")
 
@@ -35,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
                        description="Comprueba la virtualización del equipo (como virt-host-validate y kvm-ok, "
                                    "y más) y dice qué acelerador usará el curso.")
     d.add_argument("--json", action="store_true", help="salida en JSON")
-    d.add_argument("--root", metavar="DIR", default="/", help="diagnostica un árbol guardado en DIR")
-    d.add_argument("--save", metavar="DIR", help="guarda en DIR los ficheros que lee el diagnóstico")
+    d.add_argument("--root", metavar="DIR|FICHERO.tar.gz", default="/",
+                   help="diagnostica lo guardado con --save (una carpeta o un .tar.gz)")
+    d.add_argument("--save", metavar="DIR|FICHERO.tar.gz",
+                   help="guarda los ficheros que lee el diagnóstico en una carpeta, o en un solo archivo "
+                        "si el nombre acaba en .tar.gz (nunca sobrescribe)")
     d.add_argument("--functional", action="store_true",
                    help="ejecuta además unas instrucciones reales con KVM_RUN y las cronometra")
     g = sub.add_parser("guest", help="construye y arranca el invitado mínimo del curso")
@@ -77,7 +104,48 @@ def _parser() -> argparse.ArgumentParser:
                                    "eliminado.")
     c.add_argument("--all", action="store_true", help="elimina también los invitados cuyo dueño sigue vivo")
     c.add_argument("--uri", default="qemu:///system", help="conexión de libvirt (qemu:///system por defecto)")
+    _course_parser(sub)
     return p
+
+
+def _course_parser(sub: argparse._SubParsersAction) -> None:
+    co = sub.add_parser("course", help="herramientas para el profesor: apuntes en HTML y copia para el alumnado")
+    cosub = co.add_subparsers(dest="course_command", metavar="ACCIÓN", parser_class=_Parser)
+    h = cosub.add_parser("handouts", help="ejecuta todo el curso sin intervención y escribe apuntes en HTML",
+                         description="Ejecuta cada cuaderno en orden (en una copia: los cuadernos del curso no se "
+                                     "tocan), escribe un HTML por cuaderno y un index.html con qué falló, cuánto "
+                                     "tardó cada uno y con qué acelerador. Sale con 1 si falló alguno.")
+    h.add_argument("--timeout", metavar="S", type=float, default=600.0, help="segundos máximos por celda (600)")
+    h.add_argument("--with-notes", action="store_true", help="incluye las notas para el profesor en el HTML")
+    s = cosub.add_parser("student-copy", help="copia los cuadernos sin notas del profesor, salidas ni respuestas",
+                         description="Escribe los cuadernos sin las celdas «Nota para el profesor» (etiqueta "
+                                     "instructor), sin salidas ni estado de los widgets (donde se verían las "
+                                     "respuestas corregidas de la autoevaluación).")
+    for q, out in ((h, "build/handouts"), (s, "build/student-copy")):
+        q.add_argument("--out", metavar="DIR", default=out, help=f"carpeta de salida ({out} por defecto)")
+        q.add_argument("--notebooks", metavar="00,03", help="solo estos cuadernos (números separados por comas)")
+        q.add_argument("--source", metavar="DIR", help="carpeta de los cuadernos (notebooks/ del curso por defecto)")
+        q.add_argument("--force", action="store_true", help="escribe aunque la carpeta de salida no esté vacía")
+
+
+def _course(args: argparse.Namespace) -> int:
+    if args.course_command == "handouts":
+        from .course import run_handouts
+
+        result = run_handouts(args.out, source=args.source, select=args.notebooks, timeout=args.timeout,
+                              force=args.force, with_notes=args.with_notes)
+        print(result.summary())
+        if result.interrupted:
+            return 130
+        return 1 if result.failed else 0
+    if args.course_command == "student-copy":
+        from .student import student_copy
+
+        written = student_copy(args.out, source=args.source, select=args.notebooks, force=args.force)
+        print(f"Copia para el alumnado: {len(written)} cuadernos en {written[0].parent}")
+        return 0
+    _parser().parse_args(["course", "--help"])
+    return 2
 
 
 def _cleanup(args: argparse.Namespace) -> int:
@@ -102,18 +170,19 @@ def _guest(args: argparse.Namespace) -> int:
         return guest_cli.build(args)
     if args.guest_command == "boot":
         return guest_cli.boot(args)
-    _parser().parse_args(["guest", "--help"])
+    print("labkit guest: falta la ACCIÓN (build o boot).\nPrueba «labkit guest --help».", file=sys.stderr)
     return 2
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from . import doctor, host
+    from . import doctor, host, snapshot
 
-    if args.save:
-        out = host.save_tree(args.save, root=args.root)
-        print(f"Diagnóstico guardado en {out}. Para verlo en otro equipo: labkit doctor --root {out}")
-        return 0
-    report = host.probe(args.root, functional=args.functional)
+    with snapshot.opened(args.root) as root:
+        if args.save:
+            out = snapshot.save(args.save, root=root)
+            print(f"Diagnóstico guardado en {out}. Para verlo en otro equipo: labkit doctor --root {out}")
+            return 0
+        report = host.probe(root, functional=args.functional)
     doctor.print_report(report, as_json=args.json)
     return 0 if report.can_run_guests else 1
 
@@ -132,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cleanup(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "course":
+            return _course(args)
     except LabkitError as err:
         print(f"labkit: {err}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
