@@ -109,7 +109,8 @@ def one_round(n: int, args: argparse.Namespace, assets: Any) -> dict[str, Any]:
         for g in guests:
             g.stop()
     return {"n": n, "boots": boots, "errors": errors, "all_ready": all_ready, "per_guest": per_guest,
-            "host_cost": avail_before - avail_during, "accel": guests[0].accel if guests else None}
+            "host_cost": avail_before - avail_during, "accel": guests[0].accel if guests else None,
+            "machine": getattr(guests[0], "machine", args.machine) if guests else args.machine}
 
 
 def median(values: list[float]) -> float:
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     cpus = os.cpu_count()
     total = meminfo(Path("/proc/meminfo").read_text())["MemTotal"]
     print(f"\nHost: {platform.node()}, {cpus} CPU, {total / 2**30:.1f} GiB; backend {args.backend}, "
-          f"máquina {args.machine}, {args.memory} por invitado, acelerador {results[0]['accel']}")
+          f"máquina {results[0]['machine']}, {args.memory} por invitado, acelerador {results[0]['accel']}")
     print(f"{'N':>2} {'arranque mediana':>17} {'peor':>7} {'todos listos':>13} {'PSS/invitado':>13} "
           f"{'RSS/invitado':>13} {'usada dentro':>13} {'coste host':>11} {'fallos':>6}")
     for n in counts:
