@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from labkit.errors import InputError
-from labkit.guest import ChannelSpec, DiskSpec, GuestSpec, kernel_cmdline
+from labkit.guest import ChannelSpec, DiskSpec, GuestSpec, ShareSpec, kernel_cmdline
 from labkit.guest.argv import BootFiles
 from labkit.guest.domxml import (
     METADATA_NS,
@@ -216,6 +216,11 @@ def test_q35_gets_free_root_ports_for_hotplug():
 
     domain = ET.fromstring(domain_xml(GuestSpec(name="q", machine="q35"), "tcg", BOOT, RT))
     models = [c.get("model") for c in domain.iter("controller") if c.get("type") == "pci"]
-    assert models == ["pcie-root"] + ["pcie-root-port"] * HOTPLUG_PORTS
+    assert models == ["pcie-root"] + ["pcie-root-port"] * (HOTPLUG_PORTS + 1)  # + virtio-serial
+    busy = GuestSpec(name="q", machine="q35", disks=[DiskSpec("/a.qcow2"), DiskSpec("/b.qcow2")],
+                     shares=[ShareSpec("/srv", tag="s")], usb_controller=True)
+    ports = [c for c in ET.fromstring(domain_xml(busy, "tcg", BOOT, RT)).iter("controller")
+             if c.get("model") == "pcie-root-port"]
+    assert len(ports) == HOTPLUG_PORTS + 5  # virtio-serial, 2 disks, the share, xHCI: each takes one
     pc = ET.fromstring(domain_xml(GuestSpec(name="p", machine="pc"), "tcg", BOOT, RT))
     assert not [c for c in pc.iter("controller") if c.get("type") == "pci"]

@@ -170,7 +170,7 @@ def test_complete_setup_on_libvirt(guest_assets, folder):
     here.chmod(0o755)
     compartida = here / "compartida"
     compartida.mkdir()
-    spec = GuestSpec(name="labkit-test-reto-lv", machine="pc", accel="tcg", usb_controller=True,
+    spec = GuestSpec(name="labkit-test-reto-lv", machine="q35", accel="tcg", usb_controller=True,
                      shares=(ShareSpec(str(compartida), tag="reto", kind="virtiofs"),))
     with LibvirtGuest(spec, assets=guest_assets, boot_timeout=120) as g:
         first = reto.check(g)

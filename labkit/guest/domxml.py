@@ -57,6 +57,12 @@ __all__ = [
 #: Free PCIe root ports a q35 domain gets, so that disks can be hot-plugged (one each).
 HOTPLUG_PORTS = 4
 
+def boot_pcie_devices(spec: GuestSpec) -> int:
+    """PCIe devices a q35 domain has at boot, each on a root port: virtio-serial (the agent),
+    one per disk and per shared folder, and the USB controller."""
+    return 1 + len(spec.disks) + len(spec.shares) + int(has_usb(spec))
+
+
 #: The namespace of labkit's own element in ``<metadata>`` (who started the domain).
 METADATA_NS = "https://labkit.invalid/xmlns/libvirt/owner/1"
 METADATA_PREFIX = "labkit"
@@ -289,7 +295,8 @@ def domain_tree(spec: GuestSpec, accel: str, boot: BootFiles, runtime: LibvirtRu
                                     readonly=disk.readonly))
     if machine == "q35":  # PCIe devices hot-plug into root ports: leave a few free for attach-disk
         _sub(devices, "controller", type="pci", index="0", model="pcie-root")
-        for i in range(1, HOTPLUG_PORTS + 1):
+        # libvirt puts the boot devices on these ports too: one each, then HOTPLUG_PORTS free ones
+        for i in range(1, boot_pcie_devices(spec) + HOTPLUG_PORTS + 1):
             _sub(devices, "controller", type="pci", index=str(i), model="pcie-root-port")
     for share in spec.shares:
         devices.append(filesystem_element(share))
