@@ -42,8 +42,8 @@ from re import Pattern
 from typing import Any
 
 from .errors import HostError, InputError, ToolMissingError
-from .guest.argv import QEMU, opts, shell_line
-from .guest.runner import spawn_qemu, terminate_qemu, choose_accel, runtime_base, sweep_stale
+from .guest.argv import QEMU, SANDBOX, opts, shell_line
+from .guest.runner import spawn_qemu, terminate_qemu, choose_accel, runtime_base, sweep_stale, sandbox_supported
 from .guest.spec import ACCELERATORS, labkit_name, parse_memory
 
 __all__ = [
@@ -218,8 +218,10 @@ class MachineRuntime:
         return self.serial_log if source == "serial" else self.debugcon_log
 
 
-def build_machine_argv(spec: MachineSpec, accel: str, runtime: MachineRuntime, *, binary: str = QEMU) -> list[str]:
+def build_machine_argv(spec: MachineSpec, accel: str, runtime: MachineRuntime, *, binary: str = QEMU,
+                       sandbox: bool = False) -> list[str]:
     """The exact QEMU command line for ``spec`` under ``accel`` ("kvm" or "tcg"). No I/O.
+    ``sandbox``: add ``-sandbox`` (QEMU's seccomp filter), as labkit's guests do, where QEMU has it.
 
     Values that QEMU parses as ``key=value`` lists go through :func:`qopt` (``,`` -> ``,,``);
     ``-bios``, ``-kernel``, ``-initrd`` and ``-append`` take their argument verbatim.
@@ -258,6 +260,8 @@ def build_machine_argv(spec: MachineSpec, accel: str, runtime: MachineRuntime, *
     if spec.boot or spec.boot_menu:
         argv += ["-boot", opts("", order=spec.boot, menu=True if spec.boot_menu else None,
                                strict=True if spec.boot_strict else None)]
+    if sandbox:
+        argv += ["-sandbox", SANDBOX]
     return argv
 
 
@@ -406,7 +410,8 @@ class Machine:
             if self.spec.uefi:
                 shutil.copyfile(self.spec.uefi.vars_template, runtime.uefi_vars)
                 runtime.uefi_vars.chmod(0o600)
-            self.argv = build_machine_argv(self.spec, self.accel, runtime, binary=self._binary)
+            self.argv = build_machine_argv(self.spec, self.accel, runtime, binary=self._binary,
+                                           sandbox=sandbox_supported(self._binary))
             with open(runtime.stderr, "wb") as stderr:
                 self._started = time.monotonic()
                 proc = spawn_qemu(self.argv, stderr, interactive=False)

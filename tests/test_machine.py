@@ -392,3 +392,11 @@ def test_screendump_falls_back_to_ppm_on_old_qemu():
         d.reach(m)
         m._png = False  # behave as with an old QEMU
         assert png_size(m.screendump()) == (720, 400)
+
+
+def test_sandbox_only_when_asked():
+    from labkit.guest.argv import SANDBOX
+
+    assert "-sandbox" not in build_machine_argv(MachineSpec(), "tcg", RT)
+    argv = build_machine_argv(MachineSpec(), "tcg", RT, sandbox=True)
+    assert argv[-2:] == ["-sandbox", SANDBOX]
