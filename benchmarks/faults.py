@@ -344,7 +344,8 @@ def run_once(scenario: str, index: int, *, workdir: Path) -> Run:
             while any(_alive(p) for p in qemu_pids) and time.monotonic() < deadline:
                 time.sleep(0.01)
             run.qemu_gone_s = time.monotonic() - t0
-            # the parent-death signal is set by setpriv after the fork: a kill in between orphans QEMU
+            # labkit sets the parent-death signal in the child before exec and checks its parent there;
+            # a QEMU that outlives its owner here means that guarantee broke
             run.survivors = [f"{p.pid} {p.name}" for p in find_qemu_processes()
                              if p.pid in qemu_pids or p.owner == child.pid
                              or (p.owner is None and p.name.startswith(run.name))]
@@ -432,8 +433,8 @@ LEGEND = """\
 escenario: qué se mata (boot = arrancando, disk = con un disco conectado y escribiendo, bench = labkit bench)
 matados: ejecuciones en que el proceso murió por SIGKILL en la fase buscada
 con restos / restos: ejecuciones con algo sin limpiar tras «labkit cleanup», y cuántas cosas en total
-QEMU vivo: ejecuciones en que un QEMU sobrevivió 5 s a su dueño (solo QEMU directo: la señal de muerte del padre
-  la pone setpriv tras el fork; si el dueño muere antes, QEMU queda huérfano y lo mata «labkit cleanup»)
+QEMU vivo: ejecuciones en que un QEMU sobrevivió 5 s a su dueño (solo QEMU directo: labkit pone la señal de
+  muerte del padre en el hijo antes de exec y comprueba allí que el padre sigue vivo; debe ser 0)
 QEMU muerto: mediana desde kill -9 hasta que no queda ningún QEMU del proceso (solo QEMU directo)
 hasta limpio: mediana desde kill -9 hasta el final de la primera «labkit cleanup» (peor: el máximo)
 1.ª limpieza: mediana de líneas de esa limpieza sobre este invitado (lo que quedaba por diseño: directorios
