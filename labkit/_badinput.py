@@ -606,7 +606,7 @@ CASES: tuple[Case, ...] = (
          lambda ws: UsbSpec("pendrive")),
     _api("usb-arranque-imagen-carpeta", "USB", _START, 'usb=(UsbSpec("storage", image=<carpeta>),)', "InputError",
          lambda ws: ws.boot(name=f"{PREFIX}-u1", machine="pc", usb=(UsbSpec("storage", image=str(ws.folder)),))),
-    _api("usb-q35-en-caliente", "USB", "Guest(q35).attach_usb(...)", 'kind="tablet", sin controlador USB',
+    _api("usb-sin-arrancar", "USB", "Guest(q35).attach_usb(...)", 'kind="tablet", invitado sin arrancar',
          "GuestError", lambda ws: Guest(GuestSpec(name=f"{PREFIX}-q35", machine="q35")).attach_usb("tablet")),
     _api("usb-host-inexistente", "USB", "guest.attach_usb(...)", 'kind="host", hostbus=9, hostaddr=99',
          "GuestError", lambda ws: ws.guest.attach_usb("host", hostbus=9, hostaddr=99), needs="guest"),
@@ -615,7 +615,8 @@ CASES: tuple[Case, ...] = (
     _api("usb-imagen-inexistente", "USB", "guest.attach_usb(...)", 'kind="storage", image=<no existe>',
          "InputError", lambda ws: ws.guest.attach_usb("storage", image=ws.missing()), needs="guest"),
     # hot-plugged disks
-    _api("conectar-disco-q35", "discos en caliente", "Guest(q35).attach_disk(...)", "una imagen que existe",
+    _api("conectar-disco-sin-arrancar", "discos en caliente", "Guest(q35).attach_disk(...)",
+         "una imagen que existe, invitado sin arrancar",
          "GuestError", lambda ws: Guest(GuestSpec(name=f"{PREFIX}-q35", machine="q35")).attach_disk(ws.image)),
     _api("conectar-disco-inexistente", "discos en caliente", "guest.attach_disk(ruta)", "<tmp>/no-hay/no-existe.qcow2",
          "InputError", lambda ws: ws.guest.attach_disk(ws.missing()), needs="guest"),

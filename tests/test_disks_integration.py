@@ -97,3 +97,34 @@ def test_thin_provisioning_grows_with_the_guest_writes(guest, tmp_path):
         assert all(p.virtual_size == 64 << 20 for p in pts)
         sizes = [p.actual_size for p in pts]
         assert sizes == sorted(sizes) and sizes[-1] >= 12 << 20 and sizes[-1] < 16 << 20
+
+
+def test_q35_hotplug_goes_through_free_root_ports(guest_assets, tmp_path):
+    # pcie.0 takes no hot-plug: labkit gives a q35 guest 4 empty pcie-root-ports and puts each
+    # hot-plugged PCI device (disk, virtiofs share, xHCI controller) in a free one, until none is left
+    from labkit.devices import usb as du
+    from labkit.guest.argv import HOTPLUG_PORTS
+
+    share = tmp_path / "compartida"
+    share.mkdir()
+    (share / "desde-el-host.txt").write_text("hola\n")
+    spec = GuestSpec(name="labkit-test-q35hp", machine="q35", accel="tcg", shared_memory=True)
+    with Guest(spec, assets=guest_assets) as g:
+        assert g.argv.count("pcie-root-port,id=lkport1,chassis=1") == 1 and HOTPLUG_PORTS == 4
+        first = g.attach_disk(dd.create(tmp_path / "a.qcow2", "16M").path, serial="Q35A")
+        g.attach_disk(dd.create(tmp_path / "b.qcow2", "24M").path, serial="Q35B")
+        g.attach_share(share, tag="q35share", kind="virtiofs")
+        g.attach_usb("storage", image=dd.create(tmp_path / "usb.img", "8M", "raw").path, serial="Q35USB")
+        assert dd.find_by_serial(g, "Q35A").size == 16 << 20 and dd.find_by_serial(g, "Q35B").size == 24 << 20
+        stick = du.find_usb_disk(g, "Q35USB")
+        assert stick.disk.startswith("sd") and stick.serial == "Q35USB"
+        mounted = g.mount_share("q35share")
+        assert g.run(["cat", f"{mounted.mountpoint}/desde-el-host.txt"]).stdout == "hola\n"
+        # the four ports are taken: a fifth device is refused in Spanish, nothing half-added
+        with pytest.raises(GuestError, match="No quedan puertos PCIe libres"):
+            g.attach_disk(dd.create(tmp_path / "c.qcow2", "8M").path, serial="Q35C")
+        assert [d.serial for d in g.disks()] == ["Q35A", "Q35B"]
+        # unplugging frees its port for the next one
+        g.detach_disk(first)
+        g.attach_disk(tmp_path / "c.qcow2", serial="Q35C")
+        assert dd.find_by_serial(g, "Q35C").size == 8 << 20

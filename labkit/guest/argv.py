@@ -168,9 +168,22 @@ def build_argv(spec: GuestSpec, accel: str, boot: BootFiles, runtime: Runtime, *
         argv += ["-device", opts("qemu-xhci", id=XHCI_ID)]
         for i, usb in enumerate(spec.usb):
             argv += usb_device_args(usb, i)
+    if spec.machine == "q35":  # pcie.0 takes no hot-plug: empty root ports for attach_disk/share/USB
+        for port in hotplug_ports(spec):
+            argv += ["-device", opts("pcie-root-port", id=port, chassis=int(port[len(PORT_PREFIX):]))]
     if sandbox:
         argv += ["-sandbox", SANDBOX]
     return argv
+
+
+#: Empty PCIe root ports a q35 guest gets at boot (QEMU direct), one per hot-plugged PCI device.
+HOTPLUG_PORTS = 4
+PORT_PREFIX = "lkport"
+
+
+def hotplug_ports(spec: GuestSpec) -> list[str]:
+    """The ids of the empty ``pcie-root-port`` devices of a q35 guest (none on pc or microvm)."""
+    return [f"{PORT_PREFIX}{i}" for i in range(1, HOTPLUG_PORTS + 1)] if spec.machine == "q35" else []
 
 
 def shared_memory_args(spec: GuestSpec) -> list[str]:

@@ -315,6 +315,7 @@ class Guest:
         self._shares: dict[str, Any] = {}  # tag -> ShareSpec (boot and hot-plugged)
         self._usb: dict[str, Any] = {}  # device id -> devices.usb.AttachedUsb (hot-plugged)
         self._usb_drivers = False
+        self._ports: dict[str, str] = {}  # device id -> pcie-root-port it took (q35 hot-plug)
 
     # ------------------------------------------------------------ lifecycle
     @property
@@ -532,19 +533,29 @@ class Guest:
         return self._last_console
 
     # ------------------------------------------------------------ disks (hot-plug)
-    def _hotplug_bus(self, pci: bool = True) -> str:
-        """The bus a hot-plugged device goes on; ``pci=False``: only a device on a controller that is
-        already there (USB on the xHCI of the boot)."""
+    def _hotplug_bus(self) -> str:
+        """The bus a hot-plugged device goes on (PCI; on q35 through a free root port: :meth:`_on_port`)."""
         if self.spec.machine == "microvm":
             raise GuestError("Una máquina microvm no tiene bus PCI: no admite conectar discos en caliente.",
                              "Arranca el invitado con GuestSpec(machine=\"pc\").")
-        if pci and self.spec.machine == "q35":
-            # libvirt adds pcie-root-port slots to a q35 domain; this command line has none
-            raise GuestError("En una máquina q35 arrancada con QEMU directamente no se pueden conectar dispositivos "
-                             "PCI en caliente: su bus raíz (pcie.0) no lo admite y no hay puertos pcie-root-port.",
-                             "Arranca con GuestSpec(machine=\"pc\"), usa LibvirtGuest (que añade esos puertos) o, "
-                             "para USB, arranca con GuestSpec(usb_controller=True).")
         return "pci"
+
+    def _on_port(self, messages: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+        """On q35 the PCI ``device_add`` goes into a free ``pcie-root-port`` (pcie.0 takes no hot-plug);
+        the port is taken by the device's id until it is unplugged. On pc the messages go as they are."""
+        free = [p for p in qargv.hotplug_ports(self.spec) if p not in self._ports.values()]
+        out = []
+        for command, arguments in messages:
+            if command == "device_add" and self.spec.machine == "q35" and "bus" not in arguments:
+                if not free:
+                    raise GuestError(f"No quedan puertos PCIe libres en esta máquina q35 (tiene {qargv.HOTPLUG_PORTS}, "
+                                     "todos ocupados por dispositivos conectados en caliente).",
+                                     "Desconecta alguno (detach_disk, detach_share) o arranca con los discos en "
+                                     "GuestSpec(disks=...).")
+                arguments = {**arguments, "bus": free.pop(0)}
+                self._ports[arguments["id"]] = arguments["bus"]
+            out.append((command, arguments))
+        return out
 
     def disks(self) -> list[Any]:
         """The virtio disks of this guest: those given at boot (spec.disks) and those hot-plugged."""
@@ -571,13 +582,14 @@ class Guest:
         if not self._disk_drivers:
             dd.load_disk_drivers(self)
             self._disk_drivers = True
-        messages = dd.attach_messages(path, fmt, serial, readonly=readonly, bus=bus)
+        messages = self._on_port(dd.attach_messages(path, fmt, serial, readonly=readonly, bus=bus))
         done: list[tuple[str, dict[str, Any]]] = []
         try:
             for command, arguments in messages:
                 self.qmp(command, **arguments)
                 done.append((command, arguments))
         except GuestError as err:
+            self._ports.pop(device, None)
             for command, arguments in reversed(done):  # undo what was added
                 try:
                     if command == "blockdev-add":
@@ -612,6 +624,7 @@ class Guest:
             if time.monotonic() > deadline:
                 raise stuck
             time.sleep(0.02)
+        self._ports.pop(device_id, None)
         for command, arguments in messages[1:]:
             while True:  # the device's block backend lets go of the node a moment after the device goes
                 try:
@@ -714,11 +727,12 @@ class Guest:
         socket = self._runtime.virtiofs(share.tag)
         daemon = sh.start_virtiofsd(share, socket, log=self._runtime.directory / f"virtiofsd-{share.tag}.log")
         self._daemons.append(daemon)
-        messages = sh.hotplug_messages(share, index, socket, bus=bus)
+        messages = self._on_port(sh.hotplug_messages(share, index, socket, bus=bus))
         try:
             for command, arguments in messages:
                 self.qmp(command, **arguments)
         except GuestError:
+            self._ports.pop(f"share{index}", None)
             daemon.stop()
             raise
         self._shares[share.tag] = share
@@ -738,6 +752,7 @@ class Guest:
             if time.monotonic() > deadline:
                 raise GuestError("El invitado no soltó la carpeta compartida.", "¿Sigue montada? Desmóntala antes.")
             time.sleep(0.02)
+        self._ports.pop(f"share{attached.index}", None)
         command, arguments = sh.unplug_messages(attached.index)[1]
         self.qmp(command, **arguments)
         self._shares.pop(attached.share.tag, None)
@@ -775,7 +790,7 @@ class Guest:
         from ..devices import usb as du
         from .spec import UsbSpec, has_usb
 
-        self._hotplug_bus(pci=not has_usb(self.spec))
+        self._hotplug_bus()
         path = dd._image_path(image, must_exist=True).resolve() if image else None
         if kind == "storage" and serial is None:
             serial = dd.new_serial()
@@ -783,7 +798,7 @@ class Guest:
                        hostaddr=hostaddr, vendorid=vendorid, productid=productid)
         sent: list[tuple[str, dict[str, Any]]] = []
         if not has_usb(self.spec) and not self._device_present(qargv.XHCI_ID):
-            command, arguments = du.xhci_message()
+            ((command, arguments),) = self._on_port([du.xhci_message()])
             self.qmp(command, **arguments)
             sent.append((command, arguments))
         if not self._usb_drivers:
