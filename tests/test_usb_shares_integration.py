@@ -161,3 +161,20 @@ def test_share_lab_widget(guest, folders):
     assert lab.write_host("uno") == {"anfitrión": "uno\n", "invitado": "uno\n"}
     assert lab.write_guest("dos") == {"anfitrión": "dos\n", "invitado": "dos\n"}
     assert repr(lab).startswith("<Laboratorio de carpeta compartida (virtiofs)")
+
+
+def test_libvirt_virtiofs_hotplug_detach(guest_assets, tmp_path):
+    from labkit.guest.libvirt import LibvirtGuest
+
+    tmp_path.chmod(0o755)  # libvirt's virtiofsd must reach the folder
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "f.txt").write_text("x\n")
+    spec = GuestSpec(name="labkit-test-lvshare", machine="q35", accel="tcg", shared_memory=True)
+    with LibvirtGuest(spec, assets=guest_assets) as g:
+        share = g.attach_share(folder, tag="lvdet", kind="virtiofs")
+        mounted = g.mount_share("lvdet")
+        assert g.run(["cat", f"{mounted.mountpoint}/f.txt"]).stdout == "x\n"
+        g.run(["umount", mounted.mountpoint], check=True)
+        g.detach_share(share)
+        assert "lvdet" not in g.live_xml()

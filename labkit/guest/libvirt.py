@@ -793,20 +793,31 @@ class LibvirtGuest:
         return sh.AttachedShare(share, len(self._shares), (line, f"attachDeviceFlags({xml}, VIR_DOMAIN_AFFECT_LIVE)"),
                                 (), checked.warnings, line)
 
+    def _detach_live(self, unplug: Callable[[], Any], failed: tuple[str, str], present: Callable[[str], bool],
+                     timeout: float, stuck: GuestError, poll: float = 0.05) -> None:
+        """Ask libvirt to unplug a device (``unplug()``, a ``detachDevice*`` call), then wait until
+        ``present(live_xml)`` is False: the guest must let go first. ``failed``: message and hint
+        when libvirt refuses; ``stuck``: raised when the guest does not let go in ``timeout`` s."""
+        libvirt = _libvirt()
+        try:
+            unplug()
+        except libvirt.libvirtError as err:
+            raise GuestError(f"{failed[0]}: {err.get_error_message()}", failed[1]) from err
+        deadline = time.monotonic() + timeout
+        while present(self._dom.XMLDesc(0)):
+            if time.monotonic() > deadline:
+                raise stuck
+            time.sleep(poll)
+
     def detach_share(self, attached: Any, *, timeout: float = 15.0) -> None:
         """Unplug a hot-plugged virtiofs share (``virsh detach-device --live``); unmount it first."""
         libvirt = _libvirt()
         xml = domxml.filesystem_xml(attached.share)
-        try:
-            self._dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as err:
-            raise GuestError(f"libvirt no pudo quitar la carpeta: {err.get_error_message()}",
-                             "¿Sigue montada en el invitado? Desmóntala antes.") from err
-        deadline = time.monotonic() + timeout
-        while f"dir='{attached.share.tag}'" in self._dom.XMLDesc(0) or f'dir="{attached.share.tag}"' in self._dom.XMLDesc(0):
-            if time.monotonic() > deadline:
-                raise GuestError("El invitado no soltó la carpeta compartida.", "Desmóntala en el invitado.")
-            time.sleep(0.05)
+        tag = attached.share.tag
+        self._detach_live(lambda: self._dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE),
+                          ("libvirt no pudo quitar la carpeta", "¿Sigue montada en el invitado? Desmóntala antes."),
+                          lambda live: f"dir='{tag}'" in live or f'dir="{tag}"' in live, timeout,
+                          GuestError("El invitado no soltó la carpeta compartida.", "Desmóntala en el invitado."))
         self._shares.pop(attached.share.tag, None)
 
     # ------------------------------------------------------------ USB (virsh attach-device --live)
@@ -864,16 +875,11 @@ class LibvirtGuest:
         if device.device_id not in self._usb:
             raise InputError(f"El dispositivo «{device.device_id}» no está conectado a este invitado.",
                              "Mira guest.usb_devices().")
-        try:
-            self._dom.detachDeviceAlias(device.device_id, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as err:
-            raise GuestError(f"libvirt no pudo quitar «{device.device_id}»: {err.get_error_message()}",
-                             "Mira libvirt_log().") from err
-        deadline = time.monotonic() + timeout
-        while f"'{device.device_id}'" in self._dom.XMLDesc(0) or f'"{device.device_id}"' in self._dom.XMLDesc(0):
-            if time.monotonic() > deadline:
-                raise GuestError(f"El invitado no soltó «{device.device_id}» en {timeout:g} s.", "Mira dmesg.")
-            time.sleep(0.05)
+        alias = device.device_id
+        self._detach_live(lambda: self._dom.detachDeviceAlias(alias, libvirt.VIR_DOMAIN_AFFECT_LIVE),
+                          (f"libvirt no pudo quitar «{alias}»", "Mira libvirt_log()."),
+                          lambda live: f"'{alias}'" in live or f'"{alias}"' in live, timeout,
+                          GuestError(f"El invitado no soltó «{alias}» en {timeout:g} s.", "Mira dmesg."))
         del self._usb[device.device_id]
         line = f"virsh detach-device-alias {self.name} {device.device_id} --live"
         return replace(device, commands=(line, f"detachDeviceAlias('{device.device_id}', VIR_DOMAIN_AFFECT_LIVE)"),
@@ -937,17 +943,12 @@ class LibvirtGuest:
         if not force:
             dd.ensure_not_mounted(self, disk)
         xml = domxml.disk_xml(disk.image, disk.format, disk.target, serial=disk.serial, readonly=disk.readonly)
-        try:
-            self._dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as err:
-            raise GuestError(f"libvirt no pudo desconectar «{disk.serial}»: {err.get_error_message()}",
-                             "Mira libvirt_log().") from err
-        deadline = time.monotonic() + timeout
-        while any(d.target == disk.target for d in domxml.parse_disks(self._dom.XMLDesc(0))):
-            if time.monotonic() > deadline:
-                raise GuestError(f"El invitado no soltó el disco «{disk.serial}» en {timeout:g} s.",
-                                 "La desconexión necesita la colaboración del invitado (ACPI): mira dmesg.")
-            time.sleep(0.02)
+        self._detach_live(lambda: self._dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE),
+                          (f"libvirt no pudo desconectar «{disk.serial}»", "Mira libvirt_log()."),
+                          lambda live: any(d.target == disk.target for d in domxml.parse_disks(live)), timeout,
+                          GuestError(f"El invitado no soltó el disco «{disk.serial}» en {timeout:g} s.",
+                                     "La desconexión necesita la colaboración del invitado (ACPI): mira dmesg."),
+                          poll=0.02)
         del self._hotplugged[disk.target]
         line = dd.virsh_detach_line(self.name, disk.target)
         return replace(disk, commands=(line, f"detachDeviceFlags({xml}, VIR_DOMAIN_AFFECT_LIVE)"), virsh=line)
